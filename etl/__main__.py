@@ -1,0 +1,5 @@
+"""`python -m etl` is the `kalshi-etl` program."""
+
+from etl.cli import main
+
+raise SystemExit(main())

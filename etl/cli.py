@@ -1,0 +1,548 @@
+"""The command line: argv → Settings → engine + client → one plain function → exit code.
+
+This is the composition root: the only module that reads configuration, sets up logging and
+turns an :class:`~etl.errors.EtlError` into one line on stderr and its exit code (a traceback
+only with ``--debug``). Commands are thin: the work is in ``etl.sync``, ``etl.db`` and
+``etl.scheduler``, which the daemon and the tests call the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from etl import __version__
+from etl.config import Settings, environment, from_env, parse_duration, parse_time
+from etl.db import migrations
+from etl.db.engine import create_engine, embedded_url, mask
+from etl.db.models import orders, queue_position_snapshots, rejected_records, sync_runs, sync_state
+from etl.errors import ApiStatusError, ConfigError, EtlError, StopRequested
+from etl.kalshi.auth import KalshiAuth, load_private_key, read_private_key_file
+from etl.kalshi.client import KalshiClient
+
+log = logging.getLogger("etl")
+
+# -- logging ------------------------------------------------------------------------------------
+
+_PEM = re.compile(r"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----", re.S)
+
+
+class _Redact(logging.Filter):
+    """Last line of defence: no key material reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "-----BEGIN" in message:
+            record.msg, record.args = _PEM.sub("[redacted key]", message), None
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(fmt: str, *, debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Redact())
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("httpx", "httpcore", "apscheduler", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+# -- wiring -------------------------------------------------------------------------------------
+
+
+def open_engine(settings: Settings, *, migrate: bool = False) -> Engine:
+    """The database engine (embedded PostgreSQL when DATABASE_URL is unset), migrated on ask."""
+    url = settings.database_url or embedded_url(settings.home)
+    engine = create_engine(url)
+    if migrate:
+        migrations.upgrade(engine)
+    return engine
+
+
+def account_of(settings: Settings) -> str:
+    if not settings.api_key_id:
+        raise ConfigError(
+            "KALSHI_API_KEY_ID is not set: set it and KALSHI_PRIVATE_KEY_PATH to your Kalshi "
+            "API key (or try the simulator: kalshi-etl simulate > .env)"
+        )
+    return settings.api_key_id
+
+
+def open_client(settings: Settings) -> KalshiClient:
+    """A signed client for the configured account."""
+    key_id = account_of(settings)
+    if settings.private_key_path is not None:
+        key = read_private_key_file(settings.private_key_path)
+    elif settings.private_key_pem is not None:
+        key = load_private_key(settings.private_key_pem.encode(), source="KALSHI_PRIVATE_KEY")
+    else:
+        raise ConfigError(
+            "KALSHI_PRIVATE_KEY_PATH is not set: point it at the PEM file of your API key "
+            "(or put the PEM text in KALSHI_PRIVATE_KEY)"
+        )
+    return KalshiClient(
+        settings.api_base,
+        auth=KalshiAuth(key_id, key),
+        tokens_per_second=settings.read_tokens_per_second,
+        page_size=settings.page_size,
+    )
+
+
+def _explain_auth(exc: ApiStatusError, settings: Settings) -> EtlError:
+    if exc.status in (401, 403):
+        return ConfigError(
+            f"{exc}; check KALSHI_API_KEY_ID and its private key, and that the key belongs to "
+            f"{settings.api_base} (demo and production keys differ)"
+        )
+    return exc
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    engine = open_engine(settings)
+    migrations.upgrade(engine)
+    print(f"{mask(engine.url)} is at revision {migrations.current_revision(engine)} (head)")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.sync.orders import sync_orders
+    from etl.sync.queue import poll_queue_positions
+
+    client = open_client(settings)
+    account = account_of(settings)
+    engine = open_engine(settings, migrate=True)
+    failed = 0
+    steps: list[tuple[str, Callable[[], object]]] = []
+    if args.orders:
+        steps.append(
+            (
+                "orders",
+                lambda: sync_orders(engine, client, account=account, lookback=settings.lookback),
+            )
+        )
+    if args.queue:
+        steps.append(
+            ("queue positions", lambda: poll_queue_positions(engine, client, account=account))
+        )
+    with client:
+        for name, step in steps:
+            try:
+                step()
+            except ApiStatusError as exc:
+                explained = _explain_auth(exc, settings)
+                if isinstance(explained, ConfigError):
+                    raise explained from exc
+                log.error("%s sync failed: %s", name, exc)
+                failed += 1
+            except (ConfigError, StopRequested):
+                raise
+            except EtlError as exc:
+                log.error("%s sync failed: %s", name, exc)
+                failed += 1
+    if failed:
+        print(f"kalshi-etl: sync failed for {failed} stream(s); see the log above", file=sys.stderr)
+    return 1 if failed else 0
+
+
+class _Bar:
+    """A one-line progress bar on a terminal, quiet elsewhere."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def __call__(self, done: int, total: int, counts: Any) -> None:
+        if not self.tty:
+            return
+        width = 30
+        filled = int(width * done / total) if total else width
+        rate = counts.fetched / max(time.monotonic() - self.started, 1e-9)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} windows, "
+            f"{counts.fetched} orders ({rate:.0f}/s) "
+        )
+        sys.stderr.flush()
+        if done == total:
+            sys.stderr.write("\n")
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.sync.orders import backfill_orders
+
+    since = parse_time(args.since, name="--since")
+    until = parse_time(args.until, name="--until") if args.until else datetime.now(UTC)
+    window = parse_duration(args.window, name="--window")
+    if since >= until:
+        raise ConfigError(
+            f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})"
+        )
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency: expected an integer >= 1")
+    client = open_client(settings)
+    engine = open_engine(settings, migrate=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with client:
+        try:
+            result = backfill_orders(
+                engine,
+                client,
+                account=account_of(settings),
+                since=since,
+                until=until,
+                window=window,
+                concurrency=args.concurrency,
+                on_progress=_Bar(),
+                stop=stop,
+            )
+        except ApiStatusError as exc:
+            raise _explain_auth(exc, settings) from exc
+    c = result.counts
+    print(
+        f"backfill {since.isoformat()} .. {until.isoformat()}: fetched {c.fetched}, inserted "
+        f"{c.inserted}, updated {c.updated}, unchanged {c.unchanged}, rejected {c.rejected}"
+    )
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.scheduler import run_daemon
+    from etl.sync.orders import sync_orders
+    from etl.sync.queue import poll_queue_positions
+
+    orders_every = parse_duration(args.orders_every, name="--orders-every")
+    queue_every = parse_duration(args.queue_every, name="--queue-every")
+    client = open_client(settings)
+    account = account_of(settings)
+    engine = open_engine(settings, migrate=True)
+    log.info("daemon for account %s on %s; Ctrl-C or SIGTERM stops it", account, settings.api_base)
+    with client:
+        return run_daemon(
+            {
+                "orders": (
+                    lambda stop: sync_orders(
+                        engine,
+                        client,
+                        account=account,
+                        lookback=settings.lookback,
+                        lock_wait=0,
+                        stop=stop,
+                    ),
+                    orders_every,
+                ),
+                "queue_positions": (
+                    lambda stop: poll_queue_positions(engine, client, account=account, lock_wait=0),
+                    queue_every,
+                ),
+            }
+        )
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    engine = open_engine(settings)
+    if migrations.current_revision(engine) is None:
+        print(f"{mask(engine.url)} has no kalshi-etl schema yet: run kalshi-etl migrate")
+        return 0
+    for line in status_lines(engine):
+        print(line)
+    return 0
+
+
+def status_lines(engine: Engine) -> list[str]:
+    """The report of ``kalshi-etl status``: streams, their last runs, table sizes."""
+    lines: list[str] = []
+    with engine.connect() as conn:
+        states = conn.execute(sa.select(sync_state).order_by("account", "stream")).all()
+        last_runs = {
+            (r.account, r.stream): r
+            for r in conn.execute(
+                sa.select(sync_runs)
+                .distinct(sync_runs.c.account, sync_runs.c.stream)
+                .order_by(sync_runs.c.account, sync_runs.c.stream, sync_runs.c.id.desc())
+            )
+        }
+        keys = sorted(
+            {(s.account, s.stream) for s in states if ":" not in s.stream} | set(last_runs)
+        )
+        if not keys:
+            lines.append("no sync has run yet")
+        by_key = {(s.account, s.stream): s for s in states}
+        for key in keys:
+            state, run = by_key.get(key), last_runs.get(key)
+            wm = state.watermark.isoformat() if state and state.watermark else "none"
+            lines.append(f"{key[1]} (account {key[0]})")
+            lines.append(f"  watermark   {wm}")
+            if run is not None:
+                took = (
+                    f"{(run.finished_at - run.started_at).total_seconds():.1f}s"
+                    if run.finished_at
+                    else "still running"
+                )
+                lines.append(
+                    f"  last run    #{run.id} {run.mode} {run.status} at "
+                    f"{run.started_at.isoformat(timespec='seconds')} ({took})"
+                )
+                lines.append(
+                    f"  counts      fetched {run.fetched}, inserted {run.inserted}, updated "
+                    f"{run.updated}, unchanged {run.unchanged}, rejected {run.rejected}"
+                )
+                if run.error:
+                    lines.append(f"  error       {run.error}")
+        lines.append("rows")
+        for table in (orders, queue_position_snapshots, sync_runs, sync_state, rejected_records):
+            count = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+            lines.append(f"  {table.name:<26}{count}")
+        open_count = conn.execute(
+            sa.select(sa.func.count()).select_from(orders).where(orders.c.status == "resting")
+        ).scalar_one()
+        lines.append(f"  {'(resting orders)':<26}{open_count}")
+    return lines
+
+
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.simulator import Exchange, SimulatorApp
+    from etl.simulator.app import Faults, make_server_for
+    from etl.simulator.keys import key_id, load_or_create
+
+    key_path = (settings.home / "simulator" / "key.pem").resolve()
+    key = load_or_create(key_path)
+    exchange = Exchange(
+        seed=args.seed,
+        orders=args.orders,
+        api=args.api,
+        min_ts_on=args.min_ts_on,
+        events_per_second=args.events_per_second,
+    )
+    app = SimulatorApp(
+        exchange,
+        {key_id(key): key.public_key()},
+        tokens_per_second=args.rate_limit,
+        faults=Faults(
+            error_rate=args.error_rate, latency=args.latency, malformed_rate=args.malformed_rate
+        ),
+        seed=args.seed,
+    )
+    server = make_server_for(app, args.host, args.port)
+    host, port = str(server.server_address[0]), int(server.server_address[1])
+    print(f"KALSHI_API_BASE=http://{host}:{port}/trade-api/v2")
+    print(f"KALSHI_API_KEY_ID={key_id(key)}")
+    print(f"KALSHI_PRIVATE_KEY_PATH={key_path}")
+    sys.stdout.flush()
+    log.info(
+        "simulator serving %d orders (API %s, min_ts on %s) on http://%s:%s; Ctrl-C stops it",
+        args.orders,
+        args.api,
+        args.min_ts_on,
+        host,
+        port,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from etl import demo
+
+    simulator = None
+    if not settings.has_credentials:
+        simulator = demo.start_simulator(settings.home)
+        settings = replace(
+            settings,
+            api_base=simulator.api_base,
+            api_key_id=simulator.key_id,
+            private_key_path=simulator.key_path,
+            read_tokens_per_second=0,
+        )
+        log.info("no Kalshi credentials set: using the built-in simulator at %s", settings.api_base)
+    try:
+        engine = open_engine(settings, migrate=True)
+        with open_client(settings) as client:
+            for line in demo.run(
+                engine,
+                client,
+                account=account_of(settings),
+                exchange=simulator.exchange if simulator else None,
+                cycles=args.cycles,
+                lookback=settings.lookback,
+            ):
+                print(line, flush=True)
+    finally:
+        if simulator is not None:
+            simulator.stop()
+    print()
+    for line in status_lines(engine):
+        print(line)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="verbose logs and tracebacks",
+    )
+    common.add_argument(
+        "--demo",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="target Kalshi's demo environment (demo-api.kalshi.co)",
+    )
+    parser = _Parser(
+        prog="kalshi-etl",
+        parents=[common],
+        description="Sync a Kalshi trader's orders and queue positions into PostgreSQL.",
+    )
+    parser.add_argument("--version", action="version", version=f"kalshi-etl {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace, Settings], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    add("migrate", cmd_migrate, "create or upgrade the schema (alembic upgrade head)")
+
+    p = add("sync", cmd_sync, "one incremental pass: orders, then queue positions")
+    p.add_argument(
+        "--orders",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sync orders (default: yes)",
+    )
+    p.add_argument(
+        "--queue",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="poll queue positions (default: yes)",
+    )
+
+    p = add("backfill", cmd_backfill, "one-off resumable load of every order in [since, until)")
+    p.add_argument("--since", required=True, help="ISO-8601 time or Unix seconds")
+    p.add_argument("--until", help="ISO-8601 time or Unix seconds (default: now)")
+    p.add_argument("--window", default="1d", help="window length, e.g. 6h, 1d (default 1d)")
+    p.add_argument("--concurrency", type=int, default=4, help="windows fetched at once (default 4)")
+
+    p = add("daemon", cmd_daemon, "sync on a schedule until SIGINT/SIGTERM")
+    p.add_argument("--orders-every", default="30s", help="orders sync interval (default 30s)")
+    p.add_argument(
+        "--queue-every", default="10s", help="queue-position poll interval (default 10s)"
+    )
+
+    add("status", cmd_status, "watermarks, last runs and row counts")
+
+    p = add("simulate", cmd_simulate, "run the exchange simulator on loopback")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--orders", type=int, default=1000, help="orders in the account at start")
+    p.add_argument("--api", choices=("2025", "2026"), default="2026")
+    p.add_argument(
+        "--min-ts-on",
+        choices=("created_time", "last_update_time"),
+        default="created_time",
+        help="the timestamp min_ts/max_ts compare",
+    )
+    p.add_argument("--events-per-second", type=float, default=2.0, help="trading intensity")
+    p.add_argument(
+        "--rate-limit", type=float, default=200.0, help="read tokens per second per key (0 = none)"
+    )
+    p.add_argument("--error-rate", type=float, default=0.0, help="fraction of 503 answers")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
+    p.add_argument(
+        "--malformed-rate",
+        type=float,
+        default=0.0,
+        help="fraction of order pages with one malformed record",
+    )
+
+    p = add("demo", cmd_demo, "the newcomer demo (what `make demo` runs)")
+    p.add_argument("--cycles", type=int, default=3, help="incremental cycles to run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the program; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        settings = from_env(environment(), demo=getattr(args, "demo", False))
+        setup_logging(settings.log_format, debug=debug)
+        code: int = args.func(args, settings)
+        return code
+    except StopRequested as exc:
+        log.info("%s", exc)
+        return 0
+    except EtlError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"kalshi-etl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kalshi-etl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an untranslated failure: still one line
+        if debug:
+            traceback.print_exc()
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"kalshi-etl: unexpected error: {type(exc).__name__}: {detail} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

@@ -1,0 +1,211 @@
+"""Settings: the whole configuration, read once at the entry point.
+
+:func:`from_env` builds a frozen :class:`Settings` from a mapping of environment variables (the
+process environment over an optional ``.env`` file), validating every value eagerly. A wrong
+value raises :class:`~etl.errors.ConfigError` naming the variable and what it expected. Lower
+layers never read the environment; they get plain arguments from ``cli``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from etl.errors import ConfigError
+
+PRODUCTION_API_BASE = "https://api.elections.kalshi.com/trade-api/v2"
+DEMO_API_BASE = "https://demo-api.kalshi.co/trade-api/v2"
+
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Secrets are kept out of ``repr``."""
+
+    database_url: str | None = field(default=None, repr=False)
+    home: Path = Path("~/.kalshi-etl").expanduser()
+    api_base: str = PRODUCTION_API_BASE
+    api_key_id: str | None = None
+    private_key_path: Path | None = None
+    private_key_pem: str | None = field(default=None, repr=False)
+    read_tokens_per_second: float = 200.0
+    page_size: int = 200
+    lookback: timedelta = timedelta(minutes=5)
+    log_format: LogFormat = "text"
+
+    @property
+    def has_credentials(self) -> bool:
+        """True when a key id and a private key (path or text) are configured."""
+        return bool(self.api_key_id) and bool(self.private_key_path or self.private_key_pem)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, *, name: str = "duration") -> timedelta:
+    """Parse ``30s``, ``5m``, ``2h``, ``1d`` (or ``250ms``) into a timedelta.
+
+    Raises:
+        ConfigError: naming ``name`` when the text is not such a duration.
+    """
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"{name}: expected a duration like 30s, 5m, 2h or 1d, got {text!r}")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_time(text: str, *, name: str = "time") -> datetime:
+    """Parse ISO-8601 (``2025-01-31``, ``2025-01-31T12:00:00Z``) or Unix seconds; naive = UTC.
+
+    Raises:
+        ConfigError: naming ``name`` when the text is neither.
+    """
+    stripped = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", stripped):
+        return datetime.fromtimestamp(float(stripped), tz=UTC)
+    try:
+        value = datetime.fromisoformat(stripped)
+    except ValueError:
+        raise ConfigError(
+            f"{name}: expected an ISO-8601 time (2025-01-31 or 2025-01-31T12:00:00Z) "
+            f"or Unix seconds, got {text!r}"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def normalise_database_url(url: str, *, name: str = "DATABASE_URL") -> str:
+    """Map ``postgresql://``/``postgres://`` to the psycopg 3 driver; refuse other databases."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    scheme = url.split(":", 1)[0] if ":" in url else url[:20]
+    raise ConfigError(
+        f"{name}: expected a PostgreSQL URL like postgresql://user:pass@host:5432/db, "
+        f"got scheme {scheme!r}"
+    )
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Read a ``.env`` file: ``KEY=value`` lines, ``#`` comments, optional ``export`` and quotes.
+
+    A double-quoted value may span lines (a PEM key) and understands ``\\n``.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    values: dict[str, str] = {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+            raise ConfigError(f"{path}: line {i}: expected KEY=value, got {line[:40]!r}")
+        value = value.strip()
+        if value[:1] in ('"', "'"):
+            quote = value[0]
+            body = value[1:]
+            while not body.rstrip().endswith(quote) and i < len(lines):
+                body += "\n" + lines[i]
+                i += 1
+            body = body.rstrip()
+            if not body.endswith(quote):
+                raise ConfigError(f"{path}: unterminated {quote} quote for {key.strip()}")
+            value = body[:-1]
+            if quote == '"':
+                value = value.replace("\\n", "\n")
+        else:
+            value = value.split(" #", 1)[0].strip()
+        values[key.strip()] = value
+    return values
+
+
+def environment(*, cwd: Path | None = None) -> dict[str, str]:
+    """The process environment over ``./.env`` (the environment wins)."""
+    dotenv = (cwd or Path.cwd()) / ".env"
+    merged = read_dotenv(dotenv) if dotenv.is_file() else {}
+    merged.update(os.environ)
+    return merged
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name}: expected a number >= 0 (0 turns the limit off), got {raw!r}")
+    return value
+
+
+def _page_size(env: Mapping[str, str]) -> int:
+    raw = env.get("KALSHI_PAGE_SIZE", "").strip()
+    if not raw:
+        return 200
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ConfigError(f"KALSHI_PAGE_SIZE: expected an integer from 1 to 1000, got {raw!r}")
+    return int(raw)
+
+
+def from_env(env: Mapping[str, str], *, demo: bool = False) -> Settings:
+    """Build :class:`Settings` from environment variables (see CONTRACT.md for the list).
+
+    Args:
+        env: the variables, usually :func:`environment`.
+        demo: target Kalshi's demo environment (``--demo``) instead of ``KALSHI_API_BASE``.
+
+    Raises:
+        ConfigError: naming the first variable whose value is wrong.
+    """
+
+    def get(name: str) -> str | None:
+        value = env.get(name, "").strip()
+        return value or None
+
+    database_url = get("DATABASE_URL")
+    if database_url is not None:
+        database_url = normalise_database_url(database_url)
+
+    api_base = DEMO_API_BASE if demo else (get("KALSHI_API_BASE") or PRODUCTION_API_BASE)
+    if not re.match(r"^https?://[^/\s]+", api_base):
+        raise ConfigError(
+            f"KALSHI_API_BASE: expected an http(s) URL ending in /trade-api/v2, got {api_base!r}"
+        )
+
+    log_format = (get("KALSHI_ETL_LOG_FORMAT") or "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"KALSHI_ETL_LOG_FORMAT: expected text or json, got {log_format!r}")
+
+    key_path = get("KALSHI_PRIVATE_KEY_PATH")
+    pem = env.get("KALSHI_PRIVATE_KEY", "").strip() or None
+    if pem is not None and "\\n" in pem and "\n" not in pem:
+        pem = pem.replace("\\n", "\n")
+
+    return Settings(
+        database_url=database_url,
+        home=Path(get("KALSHI_ETL_HOME") or "~/.kalshi-etl").expanduser(),
+        api_base=api_base.rstrip("/"),
+        api_key_id=get("KALSHI_API_KEY_ID"),
+        private_key_path=Path(key_path).expanduser() if key_path else None,
+        private_key_pem=pem,
+        read_tokens_per_second=_positive_float(env, "KALSHI_READ_TOKENS_PER_SECOND", 200.0),
+        page_size=_page_size(env),
+        lookback=parse_duration(get("KALSHI_ETL_LOOKBACK") or "5m", name="KALSHI_ETL_LOOKBACK"),
+        log_format=log_format,  # type: ignore[arg-type]
+    )

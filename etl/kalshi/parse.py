@@ -1,0 +1,337 @@
+"""Raw API JSON → typed records, for the 2025 and the 2026 shapes alike. Pure.
+
+:func:`parse_order` returns an :class:`Order` with every column of the ``orders`` table, the
+canonical fields derived when the payload lacks them (dollars from cents, ``*_fp`` from integer
+counts, ``outcome_side``/``book_side`` from ``side``/``action``), or a :class:`Rejected` value
+with a precise reason. It never raises for bad data: one broken record must not cost the rest
+of its page. The payload travels with the record (``raw``), unknown fields included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+
+ORDER_STATUSES: Final = frozenset({"resting", "canceled", "executed", "pending"})
+OPEN_STATUSES: Final = frozenset({"resting", "pending"})
+_ENUMS: Final[dict[str, frozenset[str]]] = {
+    "side": frozenset({"yes", "no"}),
+    "action": frozenset({"buy", "sell"}),
+    "type": frozenset({"limit", "market"}),
+    "outcome_side": frozenset({"yes", "no"}),
+    "book_side": frozenset({"bid", "ask"}),
+    "self_trade_prevention_type": frozenset({"taker_at_cross", "maker"}),
+}
+_CENTS: Final = Decimal(100)
+_DOLLARS_Q: Final = Decimal("0.000001")
+_COUNT_Q: Final = Decimal("0.01")
+
+
+class RecordError(ValueError):
+    """Why a record was rejected (internal to this module; surfaces as ``Rejected.reason``)."""
+
+
+@dataclass(frozen=True)
+class Order:
+    """One order, with the columns of the ``orders`` table (``raw`` = the payload as received)."""
+
+    order_id: str
+    ticker: str
+    status: str
+    user_id: str | None
+    client_order_id: str | None
+    type: str | None
+    side: str | None
+    action: str | None
+    outcome_side: str | None
+    book_side: str | None
+    yes_price: int | None
+    no_price: int | None
+    fill_count: int | None
+    remaining_count: int | None
+    initial_count: int | None
+    taker_fees: int | None
+    maker_fees: int | None
+    taker_fill_cost: int | None
+    maker_fill_cost: int | None
+    queue_position: int | None
+    yes_price_dollars: Decimal | None
+    no_price_dollars: Decimal | None
+    taker_fees_dollars: Decimal | None
+    maker_fees_dollars: Decimal | None
+    taker_fill_cost_dollars: Decimal | None
+    maker_fill_cost_dollars: Decimal | None
+    fill_count_fp: Decimal | None
+    remaining_count_fp: Decimal | None
+    initial_count_fp: Decimal | None
+    expiration_time: datetime | None
+    created_time: datetime | None
+    last_update_time: datetime | None
+    self_trade_prevention_type: str | None
+    order_group_id: str | None
+    cancel_order_on_pause: bool | None
+    subaccount_number: int | None
+    exchange_index: int | None
+    raw: Mapping[str, Any]
+
+    @property
+    def is_open(self) -> bool:
+        """Resting or pending: the only orders that can still change."""
+        return self.status in OPEN_STATUSES
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """One entry of ``GET /portfolio/orders/queue_positions``."""
+
+    order_id: str
+    market_ticker: str
+    queue_position: Decimal
+    raw: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A payload that could not be parsed, kept with the reason."""
+
+    reason: str
+    raw: Any
+
+
+# -- field readers: each raises RecordError with the field name --------------------------------
+
+
+def _text(data: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = data.get(name)
+    if value is None or (required and value == ""):
+        if required:
+            raise RecordError(f"missing required field {name!r}")
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"{name}: expected a string, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _enum(data: Mapping[str, Any], name: str) -> str | None:
+    value = _text(data, name)
+    if value is not None and value not in _ENUMS[name]:
+        allowed = "|".join(sorted(_ENUMS[name]))
+        raise RecordError(f"{name}: unknown value {value!r} (expected {allowed})")
+    return value
+
+
+def _int(data: Mapping[str, Any], name: str, *, minimum: int | None = None) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecordError(f"{name}: expected an integer, got {type(value).__name__} {value!r:.40}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise RecordError(f"{name}: expected an integer, got {value!r}")
+        value = int(value)
+    if minimum is not None and value < minimum:
+        raise RecordError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _decimal(
+    data: Mapping[str, Any],
+    name: str,
+    *,
+    quantum: Decimal,
+    minimum: Decimal | None = None,
+    maximum: Decimal | None = None,
+) -> Decimal | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise RecordError(
+            f"{name}: expected a decimal string, got {type(value).__name__} {value!r:.40}"
+        )
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise RecordError(f"{name}: expected a decimal string, got {value!r:.40}") from None
+    if not number.is_finite():
+        raise RecordError(f"{name}: expected a finite number, got {value!r:.40}")
+    if minimum is not None and number < minimum:
+        raise RecordError(f"{name}: must be >= {minimum}, got {value}")
+    if maximum is not None and number > maximum:
+        raise RecordError(f"{name}: must be <= {maximum}, got {value}")
+    places = -int(quantum.as_tuple().exponent)
+    if number.copy_abs() >= Decimal(10) ** (18 - places):  # fits numeric(18, places)
+        raise RecordError(f"{name}: out of range: {value!r:.40}")
+    if number != number.quantize(quantum):
+        raise RecordError(f"{name}: more than {places} decimals: {value!r}")
+    return number
+
+
+def _time(data: Mapping[str, Any], name: str) -> datetime | None:
+    value = data.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"{name}: expected an RFC 3339 time, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise RecordError(f"{name}: expected an RFC 3339 time, got {value!r:.40}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _bool(data: Mapping[str, Any], name: str) -> bool | None:
+    value = data.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise RecordError(f"{name}: expected true or false, got {value!r:.40}")
+
+
+# -- derivations ------------------------------------------------------------------------------
+
+
+def _dollars_from_cents(cents: int | None) -> Decimal | None:
+    return None if cents is None else (Decimal(cents) / _CENTS).quantize(_DOLLARS_Q)
+
+
+def _fp_from_count(count: int | None) -> Decimal | None:
+    return None if count is None else Decimal(count).quantize(_COUNT_Q)
+
+
+def direction(side: str | None, action: str | None) -> tuple[str | None, str | None]:
+    """(outcome_side, book_side) of a legacy side/action: buying yes or selling no bids for yes;
+    buying no or selling yes asks (outcome no)."""
+    if side is None or action is None:
+        return None, None
+    if (side, action) in {("yes", "buy"), ("no", "sell")}:
+        return "yes", "bid"
+    return "no", "ask"
+
+
+# -- records ----------------------------------------------------------------------------------
+
+
+def parse_order(raw: Any) -> Order | Rejected:
+    """Parse one order payload of either API generation.
+
+    Returns:
+        An :class:`Order`, or a :class:`Rejected` whose reason names the first bad field.
+    """
+    if not isinstance(raw, dict):
+        return Rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
+    try:
+        return _order(raw)
+    except RecordError as exc:
+        order_id = raw.get("order_id")
+        prefix = f"order {order_id}: " if isinstance(order_id, str) and order_id else ""
+        return Rejected(prefix + str(exc), raw)
+
+
+def _order(data: dict[str, Any]) -> Order:
+    order_id = _text(data, "order_id", required=True)
+    ticker = _text(data, "ticker", required=True)
+    status = _text(data, "status", required=True)
+    assert order_id is not None and ticker is not None and status is not None
+    if status not in ORDER_STATUSES:
+        allowed = "|".join(sorted(ORDER_STATUSES))
+        raise RecordError(f"status: unknown value {status!r} (expected {allowed})")
+
+    side, action = _enum(data, "side"), _enum(data, "action")
+    derived_outcome, derived_book = direction(side, action)
+    outcome_side = _enum(data, "outcome_side") or derived_outcome
+    book_side = _enum(data, "book_side") or derived_book
+
+    cents = {
+        name: _int(data, name, minimum=0)
+        for name in ("yes_price", "no_price", "taker_fill_cost", "maker_fill_cost")
+    }
+    fees = {name: _int(data, name) for name in ("taker_fees", "maker_fees")}
+    for name in ("yes_price", "no_price"):
+        if (cents[name] or 0) > 100:
+            raise RecordError(f"{name}: a price is at most 100 cents, got {cents[name]}")
+    counts = {
+        name: _int(data, name, minimum=0)
+        for name in ("fill_count", "remaining_count", "initial_count")
+    }
+
+    def dollars(name: str, cents_value: int | None, *, price: bool = False) -> Decimal | None:
+        given = _decimal(
+            data,
+            name,
+            quantum=_DOLLARS_Q,
+            minimum=Decimal(0) if price or "fill_cost" in name else None,
+            maximum=Decimal(1) if price else None,
+        )
+        return given if given is not None else _dollars_from_cents(cents_value)
+
+    def count_fp(name: str, count: int | None) -> Decimal | None:
+        given = _decimal(data, name, quantum=_COUNT_Q, minimum=Decimal(0))
+        return given if given is not None else _fp_from_count(count)
+
+    subaccount = _int(data, "subaccount_number", minimum=0)
+    if subaccount is not None and subaccount > 63:
+        raise RecordError(f"subaccount_number: must be 0-63, got {subaccount}")
+
+    return Order(
+        order_id=order_id,
+        ticker=ticker,
+        status=status,
+        user_id=_text(data, "user_id"),
+        client_order_id=_text(data, "client_order_id"),
+        type=_enum(data, "type"),
+        side=side,
+        action=action,
+        outcome_side=outcome_side,
+        book_side=book_side,
+        yes_price=cents["yes_price"],
+        no_price=cents["no_price"],
+        fill_count=counts["fill_count"],
+        remaining_count=counts["remaining_count"],
+        initial_count=counts["initial_count"],
+        taker_fees=fees["taker_fees"],
+        maker_fees=fees["maker_fees"],
+        taker_fill_cost=cents["taker_fill_cost"],
+        maker_fill_cost=cents["maker_fill_cost"],
+        queue_position=_int(data, "queue_position", minimum=0),
+        yes_price_dollars=dollars("yes_price_dollars", cents["yes_price"], price=True),
+        no_price_dollars=dollars("no_price_dollars", cents["no_price"], price=True),
+        taker_fees_dollars=dollars("taker_fees_dollars", fees["taker_fees"]),
+        maker_fees_dollars=dollars("maker_fees_dollars", fees["maker_fees"]),
+        taker_fill_cost_dollars=dollars("taker_fill_cost_dollars", cents["taker_fill_cost"]),
+        maker_fill_cost_dollars=dollars("maker_fill_cost_dollars", cents["maker_fill_cost"]),
+        fill_count_fp=count_fp("fill_count_fp", counts["fill_count"]),
+        remaining_count_fp=count_fp("remaining_count_fp", counts["remaining_count"]),
+        initial_count_fp=count_fp("initial_count_fp", counts["initial_count"]),
+        expiration_time=_time(data, "expiration_time"),
+        created_time=_time(data, "created_time"),
+        last_update_time=_time(data, "last_update_time"),
+        self_trade_prevention_type=_enum(data, "self_trade_prevention_type"),
+        order_group_id=_text(data, "order_group_id"),
+        cancel_order_on_pause=_bool(data, "cancel_order_on_pause"),
+        subaccount_number=subaccount,
+        exchange_index=_int(data, "exchange_index"),
+        raw=data,
+    )
+
+
+def parse_queue_position(raw: Any) -> QueuePosition | Rejected:
+    """Parse one queue-position entry (``queue_position`` int in 2025, ``queue_position_fp``
+    decimal string in 2026)."""
+    if not isinstance(raw, dict):
+        return Rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
+    try:
+        order_id = _text(raw, "order_id", required=True)
+        ticker = _text(raw, "market_ticker", required=True)
+        assert order_id is not None and ticker is not None
+        position = _decimal(raw, "queue_position_fp", quantum=_COUNT_Q, minimum=Decimal(0))
+        if position is None:
+            position = _fp_from_count(_int(raw, "queue_position", minimum=0))
+        if position is None:
+            raise RecordError("missing required field 'queue_position_fp' (or 'queue_position')")
+    except RecordError as exc:
+        return Rejected(str(exc), raw)
+    return QueuePosition(order_id=order_id, market_ticker=ticker, queue_position=position, raw=raw)

@@ -1,0 +1,270 @@
+"""SimulatorApp: the WSGI face of an :class:`~etl.simulator.exchange.Exchange`.
+
+It checks each request's signature with :func:`etl.kalshi.auth.signing_message` (the client's
+own rule) against the registered public keys, refuses timestamps more than 60 s off, spends a
+per-key token bucket (429 ``{"error": "too many requests"}``, no ``Retry-After``, like the live
+API), injects faults on demand, advances the exchange to the present, and routes. Serve it on
+loopback with :func:`serve`, or in-process with ``httpx.WSGITransport(app=app)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from socketserver import ThreadingMixIn
+from typing import Any
+from urllib.parse import parse_qs, unquote
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from etl.errors import ConfigError
+from etl.kalshi.auth import KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signing_message, verify
+from etl.kalshi.client import LIST_COST, SINGLE_COST, TokenBucket
+from etl.simulator.exchange import ApiFault, Exchange, OrderQuery, rfc3339
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/trade-api/v2"
+MAX_SKEW_MS = 60_000
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+@dataclass
+class Faults:
+    """Fault injection: a fraction of 5xx answers, a delay per request, a fraction of order
+    pages carrying one extra malformed record."""
+
+    error_rate: float = 0.0
+    latency: float = 0.0
+    malformed_rate: float = 0.0
+
+
+class SimulatorApp:
+    """WSGI app serving ``exchange``.
+
+    Args:
+        exchange: the state to serve (shared; access is serialised by a lock).
+        public_keys: key id → RSA public key accepted for signatures.
+        tokens_per_second: per-key read budget (0 = no limit); costs as the live API.
+        faults: what to inject.
+        wall_clock: seconds since the epoch, for signature freshness.
+        advance: play trading events up to the wall clock on each request.
+    """
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        public_keys: Mapping[str, rsa.RSAPublicKey],
+        *,
+        tokens_per_second: float = 0.0,
+        faults: Faults | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        advance: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.exchange = exchange
+        self.public_keys = dict(public_keys)
+        self.faults = faults or Faults()
+        self._wall_clock = wall_clock
+        self._advance = advance
+        self._tokens_per_second = tokens_per_second
+        self._buckets: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed ^ 0x5EED)
+        self.requests: list[tuple[str, str]] = []  # (path, query string), for tests
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        status, body = self._handle(environ)
+        payload = json.dumps(body).encode() if not isinstance(body, bytes) else body
+        start_response(
+            f"{status} {_REASONS.get(status, 'Error')}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
+        )
+        return [payload]
+
+    def _handle(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        with self._lock:
+            self.requests.append((path, environ.get("QUERY_STRING", "")))
+        if not path.startswith(PREFIX + "/"):
+            return 404, {"code": "not_found", "message": f"no route for {path}"}
+        route = path[len(PREFIX) :]
+        try:
+            if route != "/historical/cutoff":
+                key_id = self._authenticate(environ, method, path)
+                cost = SINGLE_COST if route.count("/") == 3 and "queue" not in route else LIST_COST
+                self._spend(key_id, cost)
+            if self.faults.latency:
+                time.sleep(self.faults.latency)
+            if self.faults.error_rate and self._roll() < self.faults.error_rate:
+                return 503, {"code": "service_unavailable", "message": "injected fault"}
+            if method != "GET":
+                raise ApiFault(405, "method_not_allowed", f"{method} is not served")
+            with self._lock:
+                if self._advance:
+                    self.exchange.advance_to(datetime.fromtimestamp(self._wall_clock(), UTC))
+                return 200, self._route(route, query)
+        except ApiFault as fault:
+            if fault.status == 401:
+                return 401, {"error": {"code": fault.code, "message": fault.message}}
+            if fault.status == 429:
+                return 429, {"error": "too many requests"}
+            return fault.status, {"code": fault.code, "message": fault.message, "details": ""}
+
+    def _roll(self) -> float:
+        with self._lock:
+            return self._rng.random()
+
+    def _authenticate(self, environ: dict[str, Any], method: str, path: str) -> str:
+        key_id = str(environ.get("HTTP_" + KEY_HEADER.replace("-", "_"), ""))
+        timestamp = str(environ.get("HTTP_" + TIMESTAMP_HEADER.replace("-", "_"), ""))
+        signature = str(environ.get("HTTP_" + SIGNATURE_HEADER.replace("-", "_"), ""))
+        if not key_id or not timestamp or not signature:
+            raise ApiFault(401, "authentication_error", "missing authentication headers")
+        public_key = self.public_keys.get(key_id)
+        if public_key is None:
+            raise ApiFault(401, "authentication_error", "unknown API key")
+        if not timestamp.isdigit():
+            raise ApiFault(401, "authentication_error", "timestamp must be milliseconds")
+        if abs(int(timestamp) - self._wall_clock() * 1000) > MAX_SKEW_MS:
+            raise ApiFault(401, "authentication_error", "timestamp is more than 60 s off")
+        if not verify(public_key, signing_message(int(timestamp), method, path), signature):
+            raise ApiFault(401, "authentication_error", "invalid signature")
+        return key_id
+
+    def _spend(self, key_id: str, cost: int) -> None:
+        if self._tokens_per_second <= 0:
+            return
+        with self._lock:
+            bucket = self._buckets.get(key_id)
+            if bucket is None:
+                bucket = self._buckets[key_id] = TokenBucket(self._tokens_per_second)
+        if not bucket.try_acquire(cost):
+            raise ApiFault(429, "too_many_requests", "too many requests")
+
+    def _route(self, route: str, query: dict[str, str]) -> Any:
+        ex = self.exchange
+        if route == "/portfolio/orders":
+            orders, cursor = ex.list_orders(_order_query(query, statuses=True))
+            return {"orders": self._maybe_corrupt(orders), "cursor": cursor}
+        if route == "/historical/orders":
+            orders, cursor = ex.historical_orders(_order_query(query, statuses=False))
+            return {"orders": self._maybe_corrupt(orders), "cursor": cursor}
+        if route == "/portfolio/orders/queue_positions":
+            tickers = [t for t in query.get("market_tickers", "").split(",") if t]
+            positions = ex.queue_positions(
+                market_tickers=tickers,
+                event_ticker=query.get("event_ticker") or None,
+                subaccount=_int_param(query, "subaccount"),
+            )
+            return {"queue_positions": positions or None}
+        if route == "/historical/cutoff":
+            cutoff = ex.cutoff()
+            if cutoff is None:
+                raise ApiFault(404, "not_found", "not found")
+            stamp = rfc3339(cutoff)
+            return {
+                "market_settled_ts": stamp,
+                "trades_created_ts": stamp,
+                "orders_updated_ts": stamp,
+            }
+        if route == "/exchange/user_data_timestamp":
+            return {"as_of_time": rfc3339(ex.user_data_timestamp())}
+        parts = route.split("/")
+        if len(parts) == 4 and parts[1:3] == ["portfolio", "orders"]:
+            return {"order": ex.get_order(unquote(parts[3]))}
+        if (
+            len(parts) == 5
+            and parts[1:3] == ["portfolio", "orders"]
+            and parts[4] == "queue_position"
+        ):
+            return ex.queue_position(unquote(parts[3]))
+        raise ApiFault(404, "not_found", f"no route for {route}")
+
+    def _maybe_corrupt(self, orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if (
+            not orders
+            or not self.faults.malformed_rate
+            or self._roll() >= self.faults.malformed_rate
+        ):
+            return orders
+        broken = dict(orders[0])
+        broken["order_id"] = f"malformed-{self._rng.getrandbits(48):012x}"
+        broken["status"] = "teleported"  # an enum value no parser knows
+        return [*orders, broken]
+
+
+def _int_param(query: dict[str, str], name: str) -> int | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiFault(400, "invalid_parameters", f"{name} must be an integer") from None
+
+
+def _order_query(query: dict[str, str], *, statuses: bool) -> OrderQuery:
+    limit = _int_param(query, "limit")
+    events = [t for t in query.get("event_ticker", "").split(",") if t]
+    return OrderQuery(
+        ticker=query.get("ticker") or None,
+        event_tickers=events,
+        min_ts=_int_param(query, "min_ts"),
+        max_ts=_int_param(query, "max_ts"),
+        status=(query.get("status") or None) if statuses else query.get("status"),
+        subaccount=_int_param(query, "subaccount"),
+        limit=100 if limit is None else limit,
+        cursor=query.get("cursor") or None,
+    )
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("simulator: " + format, *args)
+
+
+def make_server_for(app: SimulatorApp, host: str = "127.0.0.1", port: int = 0) -> WSGIServer:
+    """Bind a threaded HTTP server for ``app`` (port 0 = any free port), not yet serving.
+
+    Raises:
+        ConfigError: when the address cannot be bound.
+    """
+    try:
+        return make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise ConfigError(
+            f"the simulator cannot listen on {host}:{port} ({exc.strerror}); pick another --port"
+        ) from None
+
+
+def serve(app: SimulatorApp, host: str = "127.0.0.1", port: int = 0) -> WSGIServer:
+    """Serve ``app`` on a background thread; call ``shutdown()`` then ``server_close()``."""
+    server = make_server_for(app, host, port)
+    thread = threading.Thread(target=server.serve_forever, name="simulator", daemon=True)
+    thread.start()
+    return server

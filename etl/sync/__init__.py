@@ -1,0 +1,1 @@
+"""Sync: the only place where the Kalshi client and the database meet."""
