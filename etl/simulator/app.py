@@ -86,7 +86,7 @@ class SimulatorApp:
         self._advance = advance
         self._tokens_per_second = tokens_per_second
         self._buckets: dict[str, TokenBucket] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # routes run under it and may roll the fault dice
         self._rng = random.Random(seed ^ 0x5EED)
         self.requests: list[tuple[str, str]] = []  # (path, query string), for tests
 

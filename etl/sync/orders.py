@@ -440,7 +440,7 @@ def backfill_orders(
         todo = [w for w in plan if w.key not in done]
         if done:
             log.info("backfill resumes: %d of %d windows already done", len(done), len(plan))
-        has_history = client.historical_cutoff() is not None
+        has_history = False
 
         def run_window(run_id: int, win: Window) -> Counts:
             checkpoint = Checkpoint(stream=stream, window=win.key)
@@ -474,6 +474,8 @@ def backfill_orders(
             return live.counts + historical.counts
 
         def body(run_id: int) -> tuple[Counts, datetime | None]:
+            nonlocal has_history
+            has_history = client.historical_cutoff() is not None
             total = Counts()
             completed = len(plan) - len(todo)
             if on_progress:

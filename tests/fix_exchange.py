@@ -1,0 +1,115 @@
+"""The simulated exchange for the tests: a seeded Exchange, a key pair, an in-process httpx
+transport bound to it, and a real loopback server for end-to-end and CLI tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from etl.kalshi.auth import KalshiAuth
+from etl.kalshi.client import KalshiClient, RetryPolicy
+from etl.simulator import Exchange, SimulatorApp, serve
+from etl.simulator.keys import generate_key, key_id, private_pem
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+BASE = "http://simulator.test/trade-api/v2"
+
+
+@pytest.fixture(scope="session")
+def private_key() -> rsa.RSAPrivateKey:
+    return generate_key()
+
+
+@pytest.fixture(scope="session")
+def key_file(private_key: rsa.RSAPrivateKey, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "kalshi.pem"
+    path.write_bytes(private_pem(private_key))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def exchange() -> Exchange:
+    """300 orders over 60 days, 2026 shapes, frozen in time until a test moves it."""
+    return Exchange(seed=1, orders=300, api="2026", now=NOW, events_per_second=0)
+
+
+@pytest.fixture
+def app(exchange: Exchange, private_key: rsa.RSAPrivateKey) -> SimulatorApp:
+    return SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+
+
+class Sleeps(list[float]):
+    """A sleep that records instead of waiting."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def make_client(
+    app: SimulatorApp | httpx.MockTransport,
+    key: rsa.RSAPrivateKey,
+    *,
+    page_size: int = 50,
+    sleep: Sleeps | None = None,
+    tokens_per_second: float = 0,
+) -> KalshiClient:
+    transport = app if isinstance(app, httpx.MockTransport) else httpx.WSGITransport(app=app)
+    return KalshiClient(
+        BASE,
+        auth=KalshiAuth(key_id(key), key),
+        transport=transport,
+        page_size=page_size,
+        tokens_per_second=tokens_per_second,
+        retry=RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05, max_total=5),
+        sleep=sleep if sleep is not None else Sleeps(),
+    )
+
+
+@pytest.fixture
+def client(app: SimulatorApp, private_key: rsa.RSAPrivateKey) -> Iterator[KalshiClient]:
+    """A signed client talking to ``app`` in-process through httpx's WSGI transport."""
+    with make_client(app, private_key) as c:
+        yield c
+
+
+@dataclass
+class LiveSimulator:
+    app: SimulatorApp
+    base_url: str
+    env: dict[str, str]
+
+
+@pytest.fixture
+def live_simulator(
+    app: SimulatorApp, private_key: rsa.RSAPrivateKey, key_file: Path, database_url: str
+) -> Iterator[LiveSimulator]:
+    """``app`` served over real HTTP on loopback, with the environment a CLI process needs."""
+    server = serve(app)
+    host, port = server.server_address[0], server.server_address[1]
+    base = f"http://{host!s}:{port}/trade-api/v2"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("KALSHI", "DATABASE"))},
+        "KALSHI_API_BASE": base,
+        "KALSHI_API_KEY_ID": key_id(private_key),
+        "KALSHI_PRIVATE_KEY_PATH": str(key_file),
+        "KALSHI_READ_TOKENS_PER_SECOND": "0",
+        "KALSHI_PAGE_SIZE": "50",
+        "KALSHI_ETL_HOME": os.environ["KALSHI_ETL_HOME"],
+        "DATABASE_URL": database_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    yield LiveSimulator(app=app, base_url=base, env=env)
+    server.shutdown()
+    server.server_close()
+
+
+CLI = [sys.executable, "-m", "etl"]

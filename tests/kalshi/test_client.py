@@ -1,0 +1,256 @@
+"""The client: cursor pagination that resends filters, a repeated cursor detected, retries of
+429/5xx/network errors with backoff (Retry-After honoured), 4xx surfaced and not retried, and a
+token bucket that holds the request rate under its budget."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+
+from etl.errors import ApiProtocolError, ApiStatusError, ApiTransportError
+from etl.kalshi.auth import KalshiAuth
+from etl.kalshi.client import KalshiClient, TokenBucket, error_details, parse_retry_after
+from etl.simulator import Exchange, SimulatorApp
+from etl.simulator.keys import key_id
+from tests.fix_exchange import BASE, NOW, Sleeps, make_client
+
+
+def mock(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.MockTransport:
+    return httpx.MockTransport(handler)
+
+
+def orders_body(orders: list[dict], cursor: object = "") -> httpx.Response:
+    return httpx.Response(200, json={"orders": orders, "cursor": cursor})
+
+
+def test_pages_follow_the_cursor_and_resend_every_filter(app, private_key, exchange):
+    client = make_client(app, private_key, page_size=3)
+    event = exchange.tickers[0].rsplit("-", 1)[0]
+    pages = list(client.iter_order_pages(event_tickers=[event], min_ts=1, max_ts=2_000_000_000))
+    expected = sum(1 for o in exchange if o.event_ticker == event and not exchange.is_historical(o))
+    assert len(pages) >= 5
+    assert sum(len(p.items) for p in pages) == expected
+    assert {o["ticker"].rsplit("-", 1)[0] for p in pages for o in p.items} == {event}
+    queries = [parse_qs(q) for path, q in app.requests if path.endswith("/portfolio/orders")]
+    assert len(queries) == len(pages)
+    for query in queries:
+        assert query["event_ticker"] == [event] and query["min_ts"] == ["1"]
+        assert query["max_ts"] == ["2000000000"] and query["limit"] == ["3"]
+    assert "cursor" not in queries[0] and all("cursor" in q for q in queries[1:])
+    assert pages[-1].cursor is None and all(p.cursor for p in pages[:-1])
+
+
+@pytest.mark.parametrize("end", ["", None, "missing"])
+def test_an_empty_null_or_missing_cursor_ends_the_listing(private_key, end):
+    def handler(request: httpx.Request) -> httpx.Response:
+        body: dict[str, object] = {"orders": [{"order_id": "a"}]}
+        if end != "missing":
+            body["cursor"] = end
+        return httpx.Response(200, json=body)
+
+    pages = list(make_client(mock(handler), private_key).iter_order_pages())
+    assert len(pages) == 1 and pages[0].is_last
+
+
+def test_a_repeated_cursor_is_an_error_not_a_loop(private_key):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return orders_body([{"order_id": str(len(calls))}], cursor="same")
+
+    with pytest.raises(ApiProtocolError, match="cursor 'same' twice"):
+        list(make_client(mock(handler), private_key).iter_order_pages())
+    assert len(calls) == 2
+
+
+def test_429_and_5xx_are_retried_then_succeed(private_key):
+    answers = [
+        httpx.Response(429, json={"error": "too many requests"}),
+        httpx.Response(503, json={"code": "unavailable", "message": "busy"}),
+        httpx.Response(500, text="oops"),
+        orders_body([{"order_id": "a"}]),
+    ]
+    sleeps = Sleeps()
+    client = make_client(mock(lambda r: answers.pop(0)), private_key, sleep=sleeps)
+    assert next(client.iter_order_pages()).items == [{"order_id": "a"}]
+    assert not answers and len(sleeps) == 3
+    assert all(0 <= s <= 0.05 for s in sleeps)
+
+
+def test_retry_after_is_honoured(private_key):
+    answers = [httpx.Response(429, headers={"Retry-After": "2"}), orders_body([])]
+    sleeps = Sleeps()
+    client = make_client(mock(lambda r: answers.pop(0)), private_key, sleep=sleeps)
+    list(client.iter_order_pages())
+    assert sleeps == [2.0]
+
+
+def test_each_retry_is_signed_afresh(private_key):
+    seen: list[str] = []
+    clock = iter([1000.0, 1001.0, 1002.0])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["KALSHI-ACCESS-TIMESTAMP"])
+        return httpx.Response(503) if len(seen) < 2 else orders_body([])
+
+    client = KalshiClient(
+        BASE,
+        auth=KalshiAuth("k", private_key, clock=lambda: next(clock)),
+        transport=mock(handler),
+        sleep=Sleeps(),
+    )
+    list(client.iter_order_pages())
+    assert seen == ["1000000", "1001000"]
+
+
+def test_a_400_is_surfaced_with_the_api_message_and_not_retried(app, private_key):
+    client = make_client(app, private_key, page_size=5000)
+    with pytest.raises(ApiStatusError) as caught:
+        next(client.iter_order_pages())
+    assert caught.value.status == 400
+    assert caught.value.api_message == "limit must be between 1 and 1000"
+    assert "limit must be between 1 and 1000" in str(caught.value)
+    assert len(app.requests) == 1
+
+
+def test_retries_are_bounded(private_key):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(502, json={"error": {"code": "bad_gateway", "message": "down"}})
+
+    with pytest.raises(ApiStatusError, match="502 \\(bad_gateway: down\\)"):
+        list(make_client(mock(handler), private_key).iter_order_pages())
+    assert len(calls) == 4
+
+
+def test_network_errors_are_retried_then_reported(private_key):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        raise httpx.ConnectError("connection refused")
+
+    with pytest.raises(ApiTransportError, match="cannot reach the Kalshi API at simulator.test"):
+        list(make_client(mock(handler), private_key).iter_order_pages())
+    assert len(calls) == 4
+
+
+def test_a_body_that_is_not_json_is_a_protocol_error_that_keeps_the_body(private_key):
+    client = make_client(mock(lambda r: httpx.Response(200, text="<html>gateway</html>")), private_key)
+    with pytest.raises(ApiProtocolError) as caught:
+        list(client.iter_order_pages())
+    assert caught.value.body == "<html>gateway</html>"
+
+
+def test_get_order_returns_none_on_404(client):
+    assert client.get_order("no-such-order") is None
+
+
+def test_get_order_returns_the_order(client, exchange):
+    order_id = exchange.resting_ids()[0]
+    assert client.get_order(order_id)["order_id"] == order_id
+
+
+def test_queue_positions_are_asked_in_chunks_and_null_means_none(private_key):
+    queries: list[dict[str, list[str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        queries.append(parse_qs(request.url.query.decode()))
+        return httpx.Response(200, json={"queue_positions": None})
+
+    client = make_client(mock(handler), private_key)
+    tickers = [f"M{i:03d}" for i in range(120)]
+    assert client.queue_positions(market_tickers=tickers, subaccount=2) == []
+    assert len(queries) == 3
+    assert sum(len(q["market_tickers"][0].split(",")) for q in queries) == 120
+    assert all(q["subaccount"] == ["2"] for q in queries)
+
+
+def test_queue_positions_of_the_simulator(client, exchange):
+    positions = client.queue_positions(market_tickers=exchange.tickers)
+    resting_sub0 = [i for i in exchange.resting_ids() if exchange.order(i).subaccount == 0]
+    assert sorted(p["order_id"] for p in positions) == sorted(resting_sub0)
+    assert all(isinstance(p["queue_position_fp"], str) for p in positions)
+
+
+def test_a_2025_server_has_no_historical_tier(private_key):
+    exchange = Exchange(seed=2, orders=50, api="2025", now=NOW, events_per_second=0)
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    client = make_client(app, private_key)
+    assert client.historical_cutoff() is None
+    assert list(client.iter_historical_order_pages()) == []
+
+
+def test_the_2026_historical_tier_serves_old_final_orders(client, exchange):
+    cutoff = client.historical_cutoff()
+    assert cutoff is not None and cutoff.orders_updated_ts == exchange.cutoff()
+    historical = [o for p in client.iter_historical_order_pages() for o in p.items]
+    live = [o for p in client.iter_order_pages() for o in p.items]
+    assert historical and live
+    assert {o["order_id"] for o in historical}.isdisjoint(o["order_id"] for o in live)
+    assert len(historical) + len(live) == len(exchange.truth())
+
+
+def test_the_user_data_timestamp_is_read(client, exchange):
+    assert client.user_data_timestamp() == exchange.user_data_timestamp()
+
+
+def test_the_token_bucket_holds_the_measured_rate_under_its_budget(exchange, private_key):
+    budget = 400.0  # tokens/s; a list call costs 10, so 40 calls/s after a 2 s burst
+    server_app = SimulatorApp(
+        exchange, {key_id(private_key): private_key.public_key()}, advance=False,
+        tokens_per_second=budget,
+    )
+    client = make_client(server_app, private_key, tokens_per_second=budget, sleep=time.sleep)
+    calls = 120
+    started = time.monotonic()
+    for _ in range(calls):
+        client.queue_positions(market_tickers=["X"])
+    elapsed = time.monotonic() - started
+    burst = 2 * budget
+    # The first 2 s of budget go at once; the rest at the budget's pace.
+    assert elapsed >= (calls * 10 - burst) / budget * 0.95
+    assert calls * 10 <= burst + budget * elapsed + 10
+    # The server, enforcing the same budget, never had to answer 429.
+    assert len(server_app.requests) == calls
+
+
+def test_the_token_bucket_waits_for_tokens_with_a_fake_clock():
+    now = [0.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    bucket = TokenBucket(10, burst=10, clock=lambda: now[0], sleep=sleep)
+    for _ in range(3):
+        bucket.acquire(10)
+    assert now[0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (json.dumps({"code": "bad", "message": "limit too big", "details": ""}), ("bad", "limit too big")),
+        (json.dumps({"error": {"code": "auth", "message": "invalid signature"}}), ("auth", "invalid signature")),
+        (json.dumps({"error": "too many requests"}), (None, "too many requests")),
+        ("<html>502 Bad Gateway</html>", (None, "<html>502 Bad Gateway</html>")),
+    ],
+)
+def test_error_bodies_of_every_shape_give_code_and_message(body, expected):
+    assert error_details(body) == expected
+
+
+def test_retry_after_accepts_seconds_and_http_dates():
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert parse_retry_after("soon") is None

@@ -1,0 +1,208 @@
+"""The parser turns 2025, 2026 and mixed payloads into complete Order records, and every
+broken payload into a Rejected value with a precise reason."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from etl.kalshi.parse import Order, QueuePosition, Rejected, parse_order, parse_queue_position
+
+ORDER_2025: dict[str, Any] = {
+    "order_id": "ord-2025",
+    "user_id": "u1",
+    "client_order_id": "c1",
+    "ticker": "KXBTC-25NOV21-T100",
+    "side": "no",
+    "action": "sell",
+    "type": "limit",
+    "status": "resting",
+    "yes_price": 44,
+    "no_price": 56,
+    "yes_price_dollars": "0.4400",
+    "no_price_dollars": "0.5600",
+    "fill_count": 3,
+    "remaining_count": 7,
+    "initial_count": 10,
+    "taker_fees": 2,
+    "maker_fees": 0,
+    "taker_fill_cost": 132,
+    "maker_fill_cost": 0,
+    "taker_fill_cost_dollars": "1.3200",
+    "maker_fill_cost_dollars": "0.0000",
+    "queue_position": 0,
+    "taker_fees_dollars": "0.0200",
+    "maker_fees_dollars": None,
+    "expiration_time": None,
+    "created_time": "2025-11-01T10:00:00.123456Z",
+    "last_update_time": "2025-11-01T10:05:00Z",
+    "self_trade_prevention_type": "maker",
+    "order_group_id": None,
+    "cancel_order_on_pause": False,
+}
+
+ORDER_2026: dict[str, Any] = {
+    "order_id": "ord-2026",
+    "user_id": "u1",
+    "client_order_id": "c2",
+    "ticker": "KXBTC-26NOV21-T100",
+    "outcome_side": "no",
+    "book_side": "ask",
+    "type": "limit",
+    "status": "executed",
+    "yes_price_dollars": "0.123456",
+    "no_price_dollars": "0.876544",
+    "fill_count_fp": "2.50",
+    "remaining_count_fp": "0.00",
+    "initial_count_fp": "2.50",
+    "taker_fill_cost_dollars": "0.308640",
+    "maker_fill_cost_dollars": "0.000000",
+    "taker_fees_dollars": "0.010000",
+    "maker_fees_dollars": "0.000000",
+    "created_time": "2026-11-01T10:00:00Z",
+    "last_update_time": "2026-11-01T10:00:01Z",
+    "self_trade_prevention_type": None,
+    "cancel_order_on_pause": True,
+    "subaccount_number": 3,
+    "exchange_index": 0,
+    "a_field_from_the_future": {"nested": [1, 2]},
+}
+
+
+def parsed(payload: dict[str, Any]) -> Order:
+    result = parse_order(payload)
+    assert isinstance(result, Order), result
+    return result
+
+
+def test_a_2025_order_gets_its_canonical_columns_derived():
+    order = parsed(ORDER_2025)
+    assert (order.side, order.action) == ("no", "sell")
+    assert (order.outcome_side, order.book_side) == ("yes", "bid")  # selling no bids for yes
+    assert order.yes_price == 44 and order.yes_price_dollars == Decimal("0.44")
+    assert order.fill_count_fp == Decimal("3.00")
+    assert order.remaining_count_fp == Decimal("7.00")
+    assert order.initial_count_fp == Decimal("10.00")
+    assert order.taker_fees_dollars == Decimal("0.02")
+    assert order.maker_fees_dollars == Decimal("0")  # from maker_fees = 0, as the value was null
+    assert order.created_time == datetime(2025, 11, 1, 10, 0, 0, 123456, tzinfo=UTC)
+    assert order.subaccount_number is None
+
+
+def test_a_2026_order_keeps_fractional_counts_and_six_decimal_dollars():
+    order = parsed(ORDER_2026)
+    assert order.side is None and order.action is None
+    assert order.yes_price is None and order.fill_count is None
+    assert order.fill_count_fp == Decimal("2.50")
+    assert order.yes_price_dollars == Decimal("0.123456")
+    assert (order.outcome_side, order.book_side) == ("no", "ask")
+    assert order.subaccount_number == 3
+
+
+def test_unknown_fields_travel_in_raw():
+    assert parsed(ORDER_2026).raw["a_field_from_the_future"] == {"nested": [1, 2]}
+
+
+def test_a_mixed_payload_prefers_the_given_canonical_fields():
+    mixed = {**ORDER_2025, "fill_count_fp": "3.00", "outcome_side": "no", "book_side": "ask"}
+    order = parsed(mixed)
+    assert order.fill_count == 3 and order.fill_count_fp == Decimal("3.00")
+
+
+@pytest.mark.parametrize(
+    ("side", "action", "outcome", "book"),
+    [
+        ("yes", "buy", "yes", "bid"),
+        ("no", "sell", "yes", "bid"),
+        ("no", "buy", "no", "ask"),
+        ("yes", "sell", "no", "ask"),
+    ],
+)
+def test_the_legacy_direction_maps_to_outcome_and_book_side(side, action, outcome, book):
+    payload = {**ORDER_2025, "side": side, "action": action}
+    order = parsed(payload)
+    assert (order.outcome_side, order.book_side) == (outcome, book)
+
+
+def without(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in payload.items() if k != key}
+
+
+BROKEN = [
+    (without(ORDER_2025, "order_id"), "missing required field 'order_id'"),
+    ({**ORDER_2025, "order_id": ""}, "missing required field 'order_id'"),
+    (without(ORDER_2025, "ticker"), "missing required field 'ticker'"),
+    (without(ORDER_2026, "status"), "missing required field 'status'"),
+    ({**ORDER_2025, "status": "teleported"}, "status: unknown value 'teleported'"),
+    ({**ORDER_2025, "side": "maybe"}, "side: unknown value 'maybe'"),
+    ({**ORDER_2026, "book_side": "middle"}, "book_side: unknown value 'middle'"),
+    ({**ORDER_2025, "type": "stop"}, "type: unknown value 'stop'"),
+    ({**ORDER_2025, "yes_price": "44"}, "yes_price: expected an integer, got str"),
+    ({**ORDER_2025, "fill_count": True}, "fill_count: expected an integer, got bool"),
+    ({**ORDER_2025, "fill_count": 2.5}, "fill_count: expected an integer, got 2.5"),
+    ({**ORDER_2025, "remaining_count": -1}, "remaining_count: must be >= 0, got -1"),
+    ({**ORDER_2025, "yes_price": 150}, "yes_price: a price is at most 100 cents"),
+    ({**ORDER_2026, "fill_count_fp": "-2.00"}, "fill_count_fp: must be >= 0"),
+    ({**ORDER_2026, "fill_count_fp": "lots"}, "fill_count_fp: expected a decimal string"),
+    ({**ORDER_2026, "fill_count_fp": "1.005"}, "fill_count_fp: more than 2 decimals"),
+    ({**ORDER_2026, "yes_price_dollars": "1.5"}, "yes_price_dollars: must be <= 1"),
+    ({**ORDER_2026, "taker_fees_dollars": "NaN"}, "taker_fees_dollars: expected a finite"),
+    ({**ORDER_2026, "created_time": "yesterday"}, "created_time: expected an RFC 3339 time"),
+    ({**ORDER_2026, "last_update_time": 1700000000}, "last_update_time: expected an RFC 3339"),
+    ({**ORDER_2026, "ticker": 42}, "ticker: expected a string, got int"),
+    ({**ORDER_2026, "cancel_order_on_pause": "yes"}, "cancel_order_on_pause: expected true"),
+    ({**ORDER_2026, "subaccount_number": 64}, "subaccount_number: must be 0-63"),
+    ({**ORDER_2026, "fill_count_fp": "1e30"}, "fill_count_fp: out of range"),
+]
+
+
+@pytest.mark.parametrize(("payload", "reason"), BROKEN, ids=[r for _, r in BROKEN])
+def test_a_broken_order_is_rejected_with_its_reason(payload, reason):
+    result = parse_order(payload)
+    assert isinstance(result, Rejected)
+    assert reason in result.reason
+    assert result.raw is payload
+
+
+def test_a_rejection_names_the_order_when_it_has_an_id():
+    result = parse_order({**ORDER_2025, "status": "bogus"})
+    assert isinstance(result, Rejected)
+    assert result.reason.startswith("order ord-2025: ")
+
+
+@pytest.mark.parametrize("payload", [None, "order", 42, ["order_id"]])
+def test_a_payload_that_is_not_an_object_is_rejected(payload):
+    result = parse_order(payload)
+    assert isinstance(result, Rejected)
+    assert "expected a JSON object" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("payload", "position"),
+    [
+        ({"order_id": "a", "market_ticker": "M", "queue_position": 12}, Decimal("12.00")),
+        ({"order_id": "a", "market_ticker": "M", "queue_position_fp": "10.50"}, Decimal("10.50")),
+    ],
+)
+def test_queue_positions_of_both_generations_parse(payload, position):
+    result = parse_queue_position(payload)
+    assert isinstance(result, QueuePosition)
+    assert result.queue_position == position
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ({"market_ticker": "M", "queue_position": 1}, "missing required field 'order_id'"),
+        ({"order_id": "a", "market_ticker": "M"}, "missing required field 'queue_position_fp'"),
+        ({"order_id": "a", "market_ticker": "M", "queue_position_fp": "x"}, "expected a decimal"),
+        ({"order_id": "a", "market_ticker": "M", "queue_position": -3}, "must be >= 0"),
+    ],
+)
+def test_broken_queue_positions_are_rejected(payload, reason):
+    result = parse_queue_position(payload)
+    assert isinstance(result, Rejected)
+    assert reason in result.reason

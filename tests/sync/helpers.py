@@ -1,0 +1,37 @@
+"""Reading the synced tables back, to compare them with the simulator's truth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from etl.simulator import Exchange
+
+
+def stored_orders(engine: Engine) -> dict[str, dict[str, Any]]:
+    with engine.connect() as conn:
+        return {row.order_id: row.raw for row in conn.execute(sa.text("SELECT order_id, raw FROM orders"))}
+
+
+def assert_table_equals_truth(engine: Engine, exchange: Exchange) -> None:
+    stored = stored_orders(engine)
+    truth = exchange.truth()
+    missing = truth.keys() - stored.keys()
+    extra = stored.keys() - truth.keys()
+    stale = [oid for oid in truth.keys() & stored.keys() if stored[oid] != truth[oid]]
+    assert not missing and not extra and not stale, (
+        f"{len(missing)} missing, {len(extra)} extra, {len(stale)} stale: "
+        f"{sorted(missing)[:3]} {sorted(extra)[:3]} {stale[:3]}"
+    )
+
+
+def runs(engine: Engine) -> list[sa.Row[Any]]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT * FROM sync_runs ORDER BY id")))
+
+
+def count(engine: Engine, sql: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(sql)).scalar_one())

@@ -1,0 +1,222 @@
+"""The orders sync keeps `orders` equal to what the exchange knows, run after run: every
+order of both tiers, late fills and cancels of long-resting orders, bad records kept aside,
+and a rerun after a crash that converges without duplicates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+
+from etl.db.state import read_state, write_state
+from etl.errors import ApiProtocolError, ApiStatusError, StopRequested
+from etl.simulator import Exchange, SimulatorApp
+from etl.simulator.keys import key_id
+from etl.sync.orders import backfill_orders, sync_orders
+from tests.fix_exchange import CLI, NOW, make_client
+from tests.sync.helpers import assert_table_equals_truth, count, runs, stored_orders
+
+ACCOUNT = "acct"
+
+
+def sync(db, client, **kwargs):
+    return sync_orders(db, client, account=ACCOUNT, **kwargs)
+
+
+def test_the_first_sync_loads_every_order_of_both_tiers(db, client, exchange):
+    assert any(exchange.is_historical(o) for o in exchange)
+    result = sync(db, client)
+    assert_table_equals_truth(db, exchange)
+    assert result.counts.inserted == len(exchange.truth())
+    (run,) = runs(db)
+    assert (run.status, run.mode, run.stream, run.inserted) == (
+        "succeeded", "incremental", "orders", len(exchange.truth()))
+
+
+def test_a_second_sync_inserts_and_updates_nothing(db, client, exchange):
+    sync(db, client)
+    again = sync(db, client).counts
+    assert (again.inserted, again.updated, again.rejected) == (0, 0, 0)
+    assert again.unchanged == again.fetched > 0
+
+
+def test_the_watermark_is_what_the_server_had_seen_before_the_pull(db, client, exchange):
+    sync(db, client)
+    with db.connect() as conn:
+        assert read_state(conn, ACCOUNT, "orders").watermark == exchange.user_data_timestamp()
+
+
+def test_the_watermark_never_moves_backwards(db, client, exchange):
+    later = exchange.now + timedelta(days=1)
+    with db.begin() as conn:
+        write_state(conn, ACCOUNT, "orders", watermark=later)
+    sync(db, client)
+    with db.connect() as conn:
+        assert read_state(conn, ACCOUNT, "orders").watermark == later
+
+
+@pytest.mark.parametrize("api", ["2025", "2026"])
+@pytest.mark.parametrize("min_ts_on", ["created_time", "last_update_time"])
+def test_old_resting_orders_that_fill_or_cancel_later_are_updated(
+    db, private_key, api, min_ts_on
+):
+    exchange = Exchange(seed=3, orders=300, api=api, min_ts_on=min_ts_on, now=NOW,
+                        events_per_second=0)
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    client = make_client(app, private_key)
+    sync(db, client)
+    old = sorted(
+        (exchange.order(i) for i in exchange.resting_ids()), key=lambda o: o.created
+    )[:4]
+    assert old[0].created < exchange.now - timedelta(days=7)  # long before the watermark
+    exchange.now += timedelta(hours=1)
+    exchange.fill(old[0].order_id, 1)                           # partial fill: still resting
+    exchange.fill(old[1].order_id, old[1].initial)              # full fill: executed
+    exchange.cancel(old[2].order_id)                            # canceled
+    exchange.step(20)                                           # and the market goes on
+    counts = sync(db, client).counts
+    assert_table_equals_truth(db, exchange)
+    assert counts.updated >= 3
+    assert stored_orders(db)[old[1].order_id]["status"] == "executed"
+    assert stored_orders(db)[old[2].order_id]["status"] == "canceled"
+
+
+def test_an_order_canceled_then_moved_to_the_historical_tier_is_settled(db, client, exchange):
+    sync(db, client)
+    victim = min((exchange.order(i) for i in exchange.resting_ids()), key=lambda o: o.created)
+    exchange.now += timedelta(hours=1)
+    exchange.cancel(victim.order_id)
+    exchange.now += timedelta(days=15)  # past the live window: only the historical tier has it
+    assert exchange.is_historical(victim)
+    sync(db, client)
+    assert stored_orders(db)[victim.order_id]["status"] == "canceled"
+    assert_table_equals_truth(db, exchange)
+
+
+def test_a_malformed_record_is_kept_aside_and_the_rest_of_its_page_lands(db, client, app, exchange):
+    app.faults.malformed_rate = 1.0
+    result = sync(db, client)
+    assert_table_equals_truth(db, exchange)
+    rejected = count(db, "SELECT count(*) FROM rejected_records WHERE stream = 'orders' "
+                         "AND error LIKE '%status: unknown value%' AND payload IS NOT NULL")
+    assert rejected == result.counts.rejected > 0
+    assert runs(db)[-1].status == "succeeded" and runs(db)[-1].rejected == rejected
+
+
+def test_a_page_that_is_not_json_is_kept_and_fails_the_run(db, private_key, app):
+    calls = []
+
+    def broken_once(environ, start_response):
+        calls.append(1)
+        if len(calls) == 4:  # after user_data_timestamp, cutoff and one good page
+            start_response("200 OK", [("Content-Type", "text/html")])
+            return [b"<html>upstream hiccup</html>"]
+        return app(environ, start_response)
+
+    client = make_client(app, private_key)
+    client._http._transport = httpx.WSGITransport(app=broken_once)  # noqa: SLF001
+    with pytest.raises(ApiProtocolError, match="not JSON"):
+        sync(db, client)
+    assert count(db, "SELECT count(*) FROM rejected_records "
+                     "WHERE payload_text = '<html>upstream hiccup</html>'") == 1
+    assert count(db, "SELECT count(*) FROM orders") == 50  # the first page is committed
+    assert runs(db)[-1].status == "failed" and "not JSON" in runs(db)[-1].error
+
+
+def test_transient_server_errors_are_retried_and_the_sync_converges(db, client, app, exchange):
+    app.faults.error_rate = 0.3
+    sync(db, client)
+    assert_table_equals_truth(db, exchange)
+
+
+def test_a_stop_request_commits_the_page_in_flight_then_ends_the_run(db, client):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StopRequested):
+        sync(db, client, stop=stop)
+    assert count(db, "SELECT count(*) FROM orders") == 50
+    assert runs(db)[-1].status == "failed" and "stopped on request" in runs(db)[-1].error
+    with db.connect() as conn:
+        assert read_state(conn, ACCOUNT, "orders") is None  # a half-read pull justifies nothing
+
+
+@pytest.mark.slow
+def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
+    live_simulator.app.faults.latency = 0.03
+    env = {**live_simulator.env, "KALSHI_PAGE_SIZE": "10"}
+    proc = subprocess.Popen([*CLI, "sync", "--no-queue"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while count(db, "SELECT count(*) FROM orders") < 40 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = count(db, "SELECT count(*) FROM orders")
+    assert 0 < partial < len(exchange.truth())
+    live_simulator.app.faults.latency = 0
+    rerun = subprocess.run([*CLI, "sync", "--no-queue"], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_table_equals_truth(db, exchange)
+    assert count(db, "SELECT count(*) FROM orders") == len(exchange.truth())
+    first, second = runs(db)
+    assert (first.status, first.error) == ("failed", "interrupted")
+    assert second.status == "succeeded"
+
+
+@pytest.mark.slow
+def test_two_concurrent_syncs_never_interleave(db, live_simulator, exchange):
+    live_simulator.app.faults.latency = 0.05
+    procs = [
+        subprocess.Popen([*CLI, "sync", "--no-queue"], env=live_simulator.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert any("waiting for another run" in err for _, err in outputs)  # they did collide
+    first, second = runs(db)
+    assert first.finished_at <= second.started_at
+    assert_table_equals_truth(db, exchange)
+
+
+def test_backfill_loads_a_range_and_a_rerun_resumes_with_nothing_left(db, client, exchange):
+    since, until = exchange.now - timedelta(days=70), exchange.now + timedelta(seconds=1)
+    first = backfill_orders(db, client, account=ACCOUNT, since=since, until=until,
+                            window=timedelta(days=7), concurrency=3)
+    assert_table_equals_truth(db, exchange)
+    assert first.counts.inserted == len(exchange.truth())
+    again = backfill_orders(db, client, account=ACCOUNT, since=since, until=until,
+                            window=timedelta(days=7), concurrency=3)
+    assert again.counts.fetched == 0
+    assert [r.mode for r in runs(db)] == ["backfill", "backfill"]
+
+
+def test_a_failed_backfill_keeps_its_done_windows_and_resumes(db, private_key, app, exchange):
+    since, until = exchange.now - timedelta(days=70), exchange.now + timedelta(seconds=1)
+    calls = []
+
+    def dies_after_seven_calls(environ, start_response):
+        calls.append(1)
+        if len(calls) > 7:
+            start_response("503 Service Unavailable", [("Content-Type", "application/json")])
+            return [b'{"code": "unavailable", "message": "down"}']
+        return app(environ, start_response)
+
+    failing = make_client(app, private_key)
+    failing._http._transport = httpx.WSGITransport(app=dies_after_seven_calls)  # noqa: SLF001
+    with pytest.raises(ApiStatusError, match="503"):
+        backfill_orders(db, failing, account=ACCOUNT, since=since, until=until,
+                        window=timedelta(days=7), concurrency=1)
+    loaded_before = count(db, "SELECT count(*) FROM orders")
+    assert loaded_before > 0
+    resumed = backfill_orders(db, make_client(app, private_key), account=ACCOUNT, since=since,
+                              until=until, window=timedelta(days=7), concurrency=2)
+    assert_table_equals_truth(db, exchange)
+    assert resumed.counts.fetched < len(exchange.truth())  # done windows were not fetched again
+    assert [r.status for r in runs(db)] == ["failed", "succeeded"]

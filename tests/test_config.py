@@ -1,0 +1,123 @@
+"""Configuration: CONTRACT.md's variables and defaults, durations and times, and errors that
+name the variable and what it expected."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from etl.config import (
+    DEMO_API_BASE,
+    PRODUCTION_API_BASE,
+    environment,
+    from_env,
+    parse_duration,
+    parse_time,
+    read_dotenv,
+)
+from etl.errors import ConfigError
+
+
+def test_defaults_follow_the_contract():
+    settings = from_env({})
+    assert settings.database_url is None
+    assert settings.api_base == PRODUCTION_API_BASE
+    assert settings.read_tokens_per_second == 200
+    assert settings.page_size == 200
+    assert settings.lookback == timedelta(minutes=5)
+    assert settings.log_format == "text"
+    assert settings.home == Path("~/.kalshi-etl").expanduser()
+    assert not settings.has_credentials
+
+
+def test_demo_targets_the_demo_environment():
+    assert from_env({"KALSHI_API_BASE": "http://x/trade-api/v2"}, demo=True).api_base == DEMO_API_BASE
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:p@h:5432/d", "postgresql+psycopg://u:p@h:5432/d"),
+        ("postgres://u@h/d", "postgresql+psycopg://u@h/d"),
+        ("postgresql+psycopg://u@h/d", "postgresql+psycopg://u@h/d"),
+    ],
+)
+def test_a_plain_postgresql_url_means_psycopg_3(url, expected):
+    assert from_env({"DATABASE_URL": url}).database_url == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), ("250ms", 0.25)],
+)
+def test_durations(text, expected):
+    assert parse_duration(text) == timedelta(seconds=expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-01-31", datetime(2025, 1, 31, tzinfo=UTC)),
+        ("2025-01-31T12:00:00Z", datetime(2025, 1, 31, 12, tzinfo=UTC)),
+        ("2025-01-31T12:00:00+01:00", datetime(2025, 1, 31, 11, tzinfo=UTC)),
+        ("1738324800", datetime(2025, 1, 31, 12, tzinfo=UTC)),
+    ],
+)
+def test_times(text, expected):
+    assert parse_time(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KALSHI_ETL_LOOKBACK": "5 minutes"}, "KALSHI_ETL_LOOKBACK: expected a duration"),
+        ({"KALSHI_PAGE_SIZE": "5000"}, "KALSHI_PAGE_SIZE: expected an integer from 1 to 1000"),
+        ({"KALSHI_PAGE_SIZE": "ten"}, "KALSHI_PAGE_SIZE"),
+        ({"KALSHI_READ_TOKENS_PER_SECOND": "fast"}, "KALSHI_READ_TOKENS_PER_SECOND: expected a number"),
+        ({"KALSHI_READ_TOKENS_PER_SECOND": "-1"}, "KALSHI_READ_TOKENS_PER_SECOND"),
+        ({"KALSHI_ETL_LOG_FORMAT": "xml"}, "KALSHI_ETL_LOG_FORMAT: expected text or json"),
+        ({"DATABASE_URL": "mysql://u@h/d"}, "DATABASE_URL: expected a PostgreSQL URL"),
+        ({"KALSHI_API_BASE": "api.kalshi.com"}, "KALSHI_API_BASE: expected an http(s) URL"),
+    ],
+)
+def test_a_wrong_value_names_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        from_env(env)
+
+
+def test_a_bad_time_names_the_flag():
+    with pytest.raises(ConfigError, match="--since: expected an ISO-8601 time"):
+        parse_time("last tuesday", name="--since")
+
+
+def test_dotenv_values_are_read_and_the_environment_wins(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text(
+        "# comment\n"
+        "export KALSHI_API_KEY_ID=from-file\n"
+        "KALSHI_PAGE_SIZE='500'\n"
+        'KALSHI_PRIVATE_KEY="-----BEGIN PRIVATE KEY-----\n'
+        "AAAA\n"
+        '-----END PRIVATE KEY-----"\n'
+        "KALSHI_ETL_LOOKBACK=10m  # inline comment\n"
+    )
+    monkeypatch.setenv("KALSHI_PAGE_SIZE", "300")
+    settings = from_env(environment(cwd=tmp_path))
+    assert settings.api_key_id == "from-file"
+    assert settings.page_size == 300
+    assert settings.lookback == timedelta(minutes=10)
+    assert settings.private_key_pem is not None and "AAAA\n-----END" in settings.private_key_pem
+
+
+def test_a_malformed_dotenv_line_is_named(tmp_path):
+    (tmp_path / ".env").write_text("GOOD=1\nthis is not a setting\n")
+    with pytest.raises(ConfigError, match="line 2: expected KEY=value"):
+        read_dotenv(tmp_path / ".env")
+
+
+def test_secrets_stay_out_of_the_settings_repr():
+    settings = from_env(
+        {"DATABASE_URL": "postgresql://u:hunter2@h/d", "KALSHI_PRIVATE_KEY": "-----BEGIN x"}
+    )
+    assert "hunter2" not in repr(settings) and "BEGIN" not in repr(settings)
