@@ -38,7 +38,7 @@ def start_embedded(root: Path) -> tuple[str, object]:
         warnings.simplefilter("ignore")
         import pgserver
 
-        server = pgserver.get_server(root / "pgdata", cleanup_mode="delete")
+        server = pgserver.get_server(root / "pgdata", cleanup_mode="delete")  # type: ignore[attr-defined]
     uri: str = server.get_uri()
     return "postgresql+psycopg://" + uri.split("://", 1)[1], server
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,7 +59,7 @@ def make_client(
     key: rsa.RSAPrivateKey,
     *,
     page_size: int = 50,
-    sleep: Sleeps | None = None,
+    sleep: Callable[[float], None] | None = None,
     tokens_per_second: float = 0,
 ) -> KalshiClient:
     transport = app if isinstance(app, httpx.MockTransport) else httpx.WSGITransport(app=app)

@@ -33,7 +33,9 @@ def test_defaults_follow_the_contract():
 
 
 def test_demo_targets_the_demo_environment():
-    assert from_env({"KALSHI_API_BASE": "http://x/trade-api/v2"}, demo=True).api_base == DEMO_API_BASE
+    assert (
+        from_env({"KALSHI_API_BASE": "http://x/trade-api/v2"}, demo=True).api_base == DEMO_API_BASE
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,7 +77,10 @@ def test_times(text, expected):
         ({"KALSHI_ETL_LOOKBACK": "5 minutes"}, "KALSHI_ETL_LOOKBACK: expected a duration"),
         ({"KALSHI_PAGE_SIZE": "5000"}, "KALSHI_PAGE_SIZE: expected an integer from 1 to 1000"),
         ({"KALSHI_PAGE_SIZE": "ten"}, "KALSHI_PAGE_SIZE"),
-        ({"KALSHI_READ_TOKENS_PER_SECOND": "fast"}, "KALSHI_READ_TOKENS_PER_SECOND: expected a number"),
+        (
+            {"KALSHI_READ_TOKENS_PER_SECOND": "fast"},
+            "KALSHI_READ_TOKENS_PER_SECOND: expected a number",
+        ),
         ({"KALSHI_READ_TOKENS_PER_SECOND": "-1"}, "KALSHI_READ_TOKENS_PER_SECOND"),
         ({"KALSHI_ETL_LOG_FORMAT": "xml"}, "KALSHI_ETL_LOG_FORMAT: expected text or json"),
         ({"DATABASE_URL": "mysql://u@h/d"}, "DATABASE_URL: expected a PostgreSQL URL"),

@@ -14,7 +14,9 @@ from etl.kalshi.parse import Order, Rejected, parse_order
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def order(order_id: str = "o1", *, updated: str | None = "2026-01-01T00:00:10Z", **fields: Any) -> Order:
+def order(
+    order_id: str = "o1", *, updated: str | None = "2026-01-01T00:00:10Z", **fields: Any
+) -> Order:
     payload = {
         "order_id": order_id,
         "ticker": "KX-M1",
@@ -40,8 +42,11 @@ def write(engine, *orders: Order) -> Counts:
 def stored(engine, order_id: str = "o1") -> sa.Row[Any]:
     with engine.connect() as conn:
         return conn.execute(
-            sa.text("SELECT status, fill_count, last_update_time, xmin::text AS xmin, raw "
-                    "FROM orders WHERE order_id = :id"), {"id": order_id}
+            sa.text(
+                "SELECT status, fill_count, last_update_time, xmin::text AS xmin, raw "
+                "FROM orders WHERE order_id = :id"
+            ),
+            {"id": order_id},
         ).one()
 
 

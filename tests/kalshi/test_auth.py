@@ -69,7 +69,8 @@ class _SignsWrongPath(KalshiAuth):
 
 def test_the_simulator_accepts_a_correct_signature_over_real_http(live_simulator, private_key):
     with KalshiClient(
-        live_simulator.base_url, auth=KalshiAuth(key_id(private_key), private_key),
+        live_simulator.base_url,
+        auth=KalshiAuth(key_id(private_key), private_key),
         tokens_per_second=0,
     ) as client:
         page = next(client.iter_order_pages(status="resting"))
@@ -77,7 +78,9 @@ def test_the_simulator_accepts_a_correct_signature_over_real_http(live_simulator
 
 
 @pytest.mark.parametrize("mistake", ["query", "no-prefix"])
-def test_the_simulator_rejects_a_signature_over_the_wrong_path(live_simulator, private_key, mistake):
+def test_the_simulator_rejects_a_signature_over_the_wrong_path(
+    live_simulator, private_key, mistake
+):
     auth = _SignsWrongPath(key_id(private_key), private_key, mistake)
     with KalshiClient(live_simulator.base_url, auth=auth, tokens_per_second=0) as client:
         with pytest.raises(ApiStatusError) as caught:
@@ -97,7 +100,9 @@ def test_the_simulator_rejects_a_stale_timestamp(app, private_key):
 
 
 def test_the_simulator_rejects_an_unsigned_request(app):
-    with KalshiClient("http://s/trade-api/v2", auth=None, transport=httpx.WSGITransport(app=app)) as c:
+    with KalshiClient(
+        "http://s/trade-api/v2", auth=None, transport=httpx.WSGITransport(app=app)
+    ) as c:
         with pytest.raises(ApiStatusError, match="missing authentication headers"):
             c.get_order("x")
 
@@ -147,6 +152,8 @@ def test_the_key_never_shows_in_repr_or_errors(private_key):
     auth = KalshiAuth("key-1", private_key)
     assert "PRIVATE" not in repr(auth) and "RSA" not in repr(auth)
     try:
-        load_private_key(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----", source="X")
+        load_private_key(
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----", source="X"
+        )
     except ConfigError as exc:
         assert "AAAA" not in str(exc)

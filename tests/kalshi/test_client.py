@@ -144,7 +144,9 @@ def test_network_errors_are_retried_then_reported(private_key):
 
 
 def test_a_body_that_is_not_json_is_a_protocol_error_that_keeps_the_body(private_key):
-    client = make_client(mock(lambda r: httpx.Response(200, text="<html>gateway</html>")), private_key)
+    client = make_client(
+        mock(lambda r: httpx.Response(200, text="<html>gateway</html>")), private_key
+    )
     with pytest.raises(ApiProtocolError) as caught:
         list(client.iter_order_pages())
     assert caught.value.body == "<html>gateway</html>"
@@ -206,7 +208,9 @@ def test_the_user_data_timestamp_is_read(client, exchange):
 def test_the_token_bucket_holds_the_measured_rate_under_its_budget(exchange, private_key):
     budget = 400.0  # tokens/s; a list call costs 10, so 40 calls/s after a 2 s burst
     server_app = SimulatorApp(
-        exchange, {key_id(private_key): private_key.public_key()}, advance=False,
+        exchange,
+        {key_id(private_key): private_key.public_key()},
+        advance=False,
         tokens_per_second=budget,
     )
     client = make_client(server_app, private_key, tokens_per_second=budget, sleep=time.sleep)
@@ -240,8 +244,14 @@ def test_the_token_bucket_waits_for_tokens_with_a_fake_clock():
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (json.dumps({"code": "bad", "message": "limit too big", "details": ""}), ("bad", "limit too big")),
-        (json.dumps({"error": {"code": "auth", "message": "invalid signature"}}), ("auth", "invalid signature")),
+        (
+            json.dumps({"code": "bad", "message": "limit too big", "details": ""}),
+            ("bad", "limit too big"),
+        ),
+        (
+            json.dumps({"error": {"code": "auth", "message": "invalid signature"}}),
+            ("auth", "invalid signature"),
+        ),
         (json.dumps({"error": "too many requests"}), (None, "too many requests")),
         ("<html>502 Bad Gateway</html>", (None, "<html>502 Bad Gateway</html>")),
     ],

@@ -12,7 +12,10 @@ from etl.simulator import Exchange
 
 def stored_orders(engine: Engine) -> dict[str, dict[str, Any]]:
     with engine.connect() as conn:
-        return {row.order_id: row.raw for row in conn.execute(sa.text("SELECT order_id, raw FROM orders"))}
+        return {
+            row.order_id: row.raw
+            for row in conn.execute(sa.text("SELECT order_id, raw FROM orders"))
+        }
 
 
 def assert_table_equals_truth(engine: Engine, exchange: Exchange) -> None:

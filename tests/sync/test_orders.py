@@ -14,7 +14,7 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from etl.db.state import read_state, write_state
+from etl.db.state import StreamState, read_state, write_state
 from etl.errors import ApiProtocolError, ApiStatusError, StopRequested
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
@@ -23,6 +23,11 @@ from tests.fix_exchange import CLI, NOW, make_client
 from tests.sync.helpers import assert_table_equals_truth, count, runs, stored_orders
 
 ACCOUNT = "acct"
+
+
+def watermark_of(state: StreamState | None):
+    assert state is not None
+    return state.watermark
 
 
 def sync(db, client, **kwargs):
@@ -36,7 +41,11 @@ def test_the_first_sync_loads_every_order_of_both_tiers(db, client, exchange):
     assert result.counts.inserted == len(exchange.truth())
     (run,) = runs(db)
     assert (run.status, run.mode, run.stream, run.inserted) == (
-        "succeeded", "incremental", "orders", len(exchange.truth()))
+        "succeeded",
+        "incremental",
+        "orders",
+        len(exchange.truth()),
+    )
 
 
 def test_a_second_sync_inserts_and_updates_nothing(db, client, exchange):
@@ -49,7 +58,7 @@ def test_a_second_sync_inserts_and_updates_nothing(db, client, exchange):
 def test_the_watermark_is_what_the_server_had_seen_before_the_pull(db, client, exchange):
     sync(db, client)
     with db.connect() as conn:
-        assert read_state(conn, ACCOUNT, "orders").watermark == exchange.user_data_timestamp()
+        assert watermark_of(read_state(conn, ACCOUNT, "orders")) == exchange.user_data_timestamp()
 
 
 def test_the_watermark_never_moves_backwards(db, client, exchange):
@@ -58,28 +67,25 @@ def test_the_watermark_never_moves_backwards(db, client, exchange):
         write_state(conn, ACCOUNT, "orders", watermark=later)
     sync(db, client)
     with db.connect() as conn:
-        assert read_state(conn, ACCOUNT, "orders").watermark == later
+        assert watermark_of(read_state(conn, ACCOUNT, "orders")) == later
 
 
 @pytest.mark.parametrize("api", ["2025", "2026"])
 @pytest.mark.parametrize("min_ts_on", ["created_time", "last_update_time"])
-def test_old_resting_orders_that_fill_or_cancel_later_are_updated(
-    db, private_key, api, min_ts_on
-):
-    exchange = Exchange(seed=3, orders=300, api=api, min_ts_on=min_ts_on, now=NOW,
-                        events_per_second=0)
+def test_old_resting_orders_that_fill_or_cancel_later_are_updated(db, private_key, api, min_ts_on):
+    exchange = Exchange(
+        seed=3, orders=300, api=api, min_ts_on=min_ts_on, now=NOW, events_per_second=0
+    )
     app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
     client = make_client(app, private_key)
     sync(db, client)
-    old = sorted(
-        (exchange.order(i) for i in exchange.resting_ids()), key=lambda o: o.created
-    )[:4]
+    old = sorted((exchange.order(i) for i in exchange.resting_ids()), key=lambda o: o.created)[:4]
     assert old[0].created < exchange.now - timedelta(days=7)  # long before the watermark
     exchange.now += timedelta(hours=1)
-    exchange.fill(old[0].order_id, 1)                           # partial fill: still resting
-    exchange.fill(old[1].order_id, old[1].initial)              # full fill: executed
-    exchange.cancel(old[2].order_id)                            # canceled
-    exchange.step(20)                                           # and the market goes on
+    exchange.fill(old[0].order_id, 1)  # partial fill: still resting
+    exchange.fill(old[1].order_id, old[1].initial)  # full fill: executed
+    exchange.cancel(old[2].order_id)  # canceled
+    exchange.step(20)  # and the market goes on
     counts = sync(db, client).counts
     assert_table_equals_truth(db, exchange)
     assert counts.updated >= 3
@@ -103,8 +109,11 @@ def test_a_malformed_record_is_kept_aside_and_the_rest_of_its_page_lands(db, cli
     app.faults.malformed_rate = 1.0
     result = sync(db, client)
     assert_table_equals_truth(db, exchange)
-    rejected = count(db, "SELECT count(*) FROM rejected_records WHERE stream = 'orders' "
-                         "AND error LIKE '%status: unknown value%' AND payload IS NOT NULL")
+    rejected = count(
+        db,
+        "SELECT count(*) FROM rejected_records WHERE stream = 'orders' "
+        "AND error LIKE '%status: unknown value%' AND payload IS NOT NULL",
+    )
     assert rejected == result.counts.rejected > 0
     assert runs(db)[-1].status == "succeeded" and runs(db)[-1].rejected == rejected
 
@@ -123,8 +132,14 @@ def test_a_page_that_is_not_json_is_kept_and_fails_the_run(db, private_key, app)
     client._http._transport = httpx.WSGITransport(app=broken_once)  # noqa: SLF001
     with pytest.raises(ApiProtocolError, match="not JSON"):
         sync(db, client)
-    assert count(db, "SELECT count(*) FROM rejected_records "
-                     "WHERE payload_text = '<html>upstream hiccup</html>'") == 1
+    assert (
+        count(
+            db,
+            "SELECT count(*) FROM rejected_records "
+            "WHERE payload_text = '<html>upstream hiccup</html>'",
+        )
+        == 1
+    )
     assert count(db, "SELECT count(*) FROM orders") == 50  # the first page is committed
     assert runs(db)[-1].status == "failed" and "not JSON" in runs(db)[-1].error
 
@@ -150,8 +165,9 @@ def test_a_stop_request_commits_the_page_in_flight_then_ends_the_run(db, client)
 def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
     live_simulator.app.faults.latency = 0.03
     env = {**live_simulator.env, "KALSHI_PAGE_SIZE": "10"}
-    proc = subprocess.Popen([*CLI, "sync", "--no-queue"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CLI, "sync", "--no-queue"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 30
     while count(db, "SELECT count(*) FROM orders") < 40 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -173,8 +189,13 @@ def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
 def test_two_concurrent_syncs_never_interleave(db, live_simulator, exchange):
     live_simulator.app.faults.latency = 0.05
     procs = [
-        subprocess.Popen([*CLI, "sync", "--no-queue"], env=live_simulator.env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [*CLI, "sync", "--no-queue"],
+            env=live_simulator.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
@@ -187,12 +208,26 @@ def test_two_concurrent_syncs_never_interleave(db, live_simulator, exchange):
 
 def test_backfill_loads_a_range_and_a_rerun_resumes_with_nothing_left(db, client, exchange):
     since, until = exchange.now - timedelta(days=70), exchange.now + timedelta(seconds=1)
-    first = backfill_orders(db, client, account=ACCOUNT, since=since, until=until,
-                            window=timedelta(days=7), concurrency=3)
+    first = backfill_orders(
+        db,
+        client,
+        account=ACCOUNT,
+        since=since,
+        until=until,
+        window=timedelta(days=7),
+        concurrency=3,
+    )
     assert_table_equals_truth(db, exchange)
     assert first.counts.inserted == len(exchange.truth())
-    again = backfill_orders(db, client, account=ACCOUNT, since=since, until=until,
-                            window=timedelta(days=7), concurrency=3)
+    again = backfill_orders(
+        db,
+        client,
+        account=ACCOUNT,
+        since=since,
+        until=until,
+        window=timedelta(days=7),
+        concurrency=3,
+    )
     assert again.counts.fetched == 0
     assert [r.mode for r in runs(db)] == ["backfill", "backfill"]
 
@@ -211,12 +246,26 @@ def test_a_failed_backfill_keeps_its_done_windows_and_resumes(db, private_key, a
     failing = make_client(app, private_key)
     failing._http._transport = httpx.WSGITransport(app=dies_after_seven_calls)  # noqa: SLF001
     with pytest.raises(ApiStatusError, match="503"):
-        backfill_orders(db, failing, account=ACCOUNT, since=since, until=until,
-                        window=timedelta(days=7), concurrency=1)
+        backfill_orders(
+            db,
+            failing,
+            account=ACCOUNT,
+            since=since,
+            until=until,
+            window=timedelta(days=7),
+            concurrency=1,
+        )
     loaded_before = count(db, "SELECT count(*) FROM orders")
     assert loaded_before > 0
-    resumed = backfill_orders(db, make_client(app, private_key), account=ACCOUNT, since=since,
-                              until=until, window=timedelta(days=7), concurrency=2)
+    resumed = backfill_orders(
+        db,
+        make_client(app, private_key),
+        account=ACCOUNT,
+        since=since,
+        until=until,
+        window=timedelta(days=7),
+        concurrency=2,
+    )
     assert_table_equals_truth(db, exchange)
     assert resumed.counts.fetched < len(exchange.truth())  # done windows were not fetched again
     assert [r.status for r in runs(db)] == ["failed", "succeeded"]

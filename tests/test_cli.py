@@ -1,0 +1,195 @@
+"""The command line as users and scripts see it: exit codes, one line on stderr that says what
+to fix, no traceback, no secret; `simulate` up in under 2 s and answering signed requests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from etl.kalshi.auth import KalshiAuth
+from etl.kalshi.client import KalshiClient
+from etl.simulator.keys import load_or_create
+from tests.fix_exchange import CLI
+from tests.sync.helpers import assert_table_equals_truth
+
+pytestmark = pytest.mark.slow
+
+
+def run(
+    args: list[str], env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALSHI", "DATABASE"))}
+    env["KALSHI_ETL_HOME"] = str(tmp_path / "home")
+    return env
+
+
+def assert_one_line_error(
+    result: subprocess.CompletedProcess[str], code: int, *needles: str
+) -> None:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_missing_key_is_one_line_and_exit_2(tmp_path, database_url):
+    env = {**base_env(tmp_path), "DATABASE_URL": database_url, "KALSHI_API_KEY_ID": "k"}
+    assert_one_line_error(run(["sync"], env, tmp_path), 2, "KALSHI_PRIVATE_KEY_PATH is not set")
+
+
+def test_missing_credentials_are_one_line_and_exit_2(tmp_path, database_url):
+    env = {**base_env(tmp_path), "DATABASE_URL": database_url}
+    assert_one_line_error(run(["sync"], env, tmp_path), 2, "KALSHI_API_KEY_ID is not set")
+
+
+def test_a_bad_key_file_is_one_line_and_exit_2(tmp_path, database_url):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nnot really\n-----END PRIVATE KEY-----\n")
+    bad.chmod(0o600)
+    env = {
+        **base_env(tmp_path),
+        "DATABASE_URL": database_url,
+        "KALSHI_API_KEY_ID": "k",
+        "KALSHI_PRIVATE_KEY_PATH": str(bad),
+    }
+    result = run(["sync"], env, tmp_path)
+    assert_one_line_error(result, 2, str(bad), "not a PEM private key")
+    assert "not really" not in result.stderr
+
+
+def test_an_unreadable_key_file_is_one_line_and_exit_2(tmp_path, database_url):
+    env = {
+        **base_env(tmp_path),
+        "DATABASE_URL": database_url,
+        "KALSHI_API_KEY_ID": "k",
+        "KALSHI_PRIVATE_KEY_PATH": str(tmp_path),
+    }
+    assert_one_line_error(run(["sync"], env, tmp_path), 2, "is a directory")
+
+
+def test_a_bad_duration_is_one_line_and_exit_2(tmp_path):
+    env = {**base_env(tmp_path), "KALSHI_ETL_LOOKBACK": "5 minutes"}
+    assert_one_line_error(run(["status"], env, tmp_path), 2, "KALSHI_ETL_LOOKBACK")
+
+
+def test_a_bad_flag_is_one_line_and_exit_2(tmp_path):
+    assert_one_line_error(
+        run(["sync", "--sideways"], base_env(tmp_path), tmp_path),
+        2,
+        "unrecognized arguments: --sideways",
+    )
+
+
+def test_a_bad_backfill_time_is_one_line_and_exit_2(tmp_path, key_file, database_url):
+    env = {**base_env(tmp_path), "DATABASE_URL": database_url}
+    assert_one_line_error(run(["backfill", "--since", "last week"], env, tmp_path), 2, "--since")
+
+
+def test_an_unreachable_database_is_one_line_exit_2_with_the_password_masked(tmp_path):
+    env = {**base_env(tmp_path), "DATABASE_URL": "postgresql://bob:hunter2@127.0.0.1:9/kalshi"}
+    result = run(["migrate"], env, tmp_path)
+    assert_one_line_error(result, 2, "cannot connect to the database", "127.0.0.1:9")
+    assert "hunter2" not in result.stderr
+
+
+def test_an_unreachable_api_fails_the_sync_with_exit_1(
+    tmp_path, key_file, private_key, database_url
+):
+    from etl.simulator.keys import key_id
+
+    env = {
+        **base_env(tmp_path),
+        "DATABASE_URL": database_url,
+        "KALSHI_API_BASE": "http://127.0.0.1:9/trade-api/v2",
+        "KALSHI_API_KEY_ID": key_id(private_key),
+        "KALSHI_PRIVATE_KEY_PATH": str(key_file),
+    }
+    result = run(["sync", "--no-queue"], env, tmp_path)
+    assert result.returncode == 1
+    assert "cannot reach the Kalshi API at 127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_wrong_key_is_exit_2_with_the_api_message(tmp_path, live_simulator, database_url):
+    other = load_or_create(tmp_path / "other.pem")
+    env = {**live_simulator.env, "KALSHI_PRIVATE_KEY_PATH": str(tmp_path / "other.pem")}
+    result = run(["sync"], env, tmp_path)
+    assert result.returncode == 2
+    assert "401" in result.stderr and "invalid signature" in result.stderr
+    assert other.public_key() is not None
+
+
+def test_sync_status_and_migrate_from_any_directory(db, tmp_path, live_simulator, exchange):
+    elsewhere = tmp_path / "somewhere-else"
+    elsewhere.mkdir()
+    assert run(["migrate"], live_simulator.env, elsewhere).returncode == 0
+    result = run(["sync"], live_simulator.env, elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert_table_equals_truth(db, exchange)
+    status = run(["status"], live_simulator.env, elsewhere)
+    assert status.returncode == 0
+    assert "orders (account" in status.stdout and "queue_positions (account" in status.stdout
+    assert "succeeded" in status.stdout
+    key_text = Path(live_simulator.env["KALSHI_PRIVATE_KEY_PATH"]).read_text()
+    body = key_text.splitlines()[1]
+    for output in (result.stdout, result.stderr, status.stdout, status.stderr):
+        assert body not in output
+
+
+def test_json_logs_are_one_object_per_line(db, tmp_path, live_simulator):
+    env = {**live_simulator.env, "KALSHI_ETL_LOG_FORMAT": "json"}
+    result = run(["sync", "--no-queue"], env, tmp_path)
+    assert result.returncode == 0
+    import json
+
+    entries = [json.loads(line) for line in result.stderr.strip().splitlines()]
+    assert entries and all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+
+
+def test_simulate_starts_in_under_two_seconds_and_answers_a_signed_request(tmp_path):
+    env = base_env(tmp_path)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [*CLI, "simulate", "--port", "0", "--orders", "500"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(3)]
+        elapsed = time.monotonic() - started
+        settings = dict(line.split("=", 1) for line in lines)
+        assert set(settings) == {"KALSHI_API_BASE", "KALSHI_API_KEY_ID", "KALSHI_PRIVATE_KEY_PATH"}
+        assert elapsed < 2.0, elapsed
+        key = load_or_create(Path(settings["KALSHI_PRIVATE_KEY_PATH"]))
+        with KalshiClient(
+            settings["KALSHI_API_BASE"], auth=KalshiAuth(settings["KALSHI_API_KEY_ID"], key)
+        ) as client:
+            page = next(client.iter_order_pages())
+        assert page.items and all("order_id" in o for o in page.items)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)  # drains and closes the pipes
+    assert proc.returncode == 0
+
+
+def test_python_dash_m_etl_is_the_same_program():
+    result = subprocess.run(
+        [sys.executable, "-m", "etl", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.startswith("kalshi-etl ")

@@ -1,0 +1,79 @@
+"""Imports point the way the data flows (STYLE.md): kalshi → nothing but errors; db → errors
+and parse records; sync is where kalshi and db meet; nothing imports cli; config is read only
+by cli and migrations; the data path never imports the simulator."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "etl"
+
+
+def etl_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("etl"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("etl"))
+    return found
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+MODULES = {module_name(p): etl_imports(p) for p in PACKAGE.rglob("*.py")}
+
+ALLOWED = {
+    "etl.kalshi": {"etl.errors", "etl.kalshi"},
+    "etl.db": {"etl.errors", "etl.db", "etl.kalshi.parse"},
+    "etl.sync": {"etl.errors", "etl.db", "etl.kalshi", "etl.sync"},
+    "etl.scheduler": {"etl.errors", "etl.sync"},
+    "etl.config": {"etl.errors"},
+    "etl.errors": set(),
+    "etl.simulator": {"etl.errors", "etl.kalshi.auth", "etl.kalshi.client", "etl.simulator"},
+}
+
+
+def allowed_for(module: str) -> set[str] | None:
+    for prefix, allowed in ALLOWED.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return allowed
+    return None
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_each_module_imports_only_from_its_layer_or_below(module):
+    allowed = allowed_for(module)
+    if allowed is None:
+        return  # cli, demo, __main__: composition roots
+    illegal = {
+        imported
+        for imported in MODULES[module]
+        if not any(imported == a or imported.startswith(a + ".") for a in allowed)
+    }
+    assert not illegal, f"{module} reaches up to {sorted(illegal)}"
+
+
+def test_nothing_imports_the_cli():
+    importers = [
+        m for m, imports in MODULES.items() if "etl.cli" in imports and m != "etl.__main__"
+    ]
+    assert importers == []
+
+
+def test_the_data_path_never_imports_the_simulator():
+    data_path = [m for m in MODULES if m.startswith(("etl.kalshi", "etl.db", "etl.sync"))]
+    assert all(not any(i.startswith("etl.simulator") for i in MODULES[m]) for m in data_path)
+
+
+def test_config_is_read_only_by_the_entry_points():
+    readers = sorted(m for m, imports in MODULES.items() if "etl.config" in imports)
+    assert readers == ["etl.cli"]
+    assert "etl.config" in etl_imports(ROOT / "migrations" / "env.py")

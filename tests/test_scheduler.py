@@ -1,0 +1,67 @@
+"""The daemon runs both jobs on their intervals, survives a failing job, and on SIGTERM
+finishes the page in flight, commits and exits 0."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from etl.errors import ApiTransportError, LockBusyError
+from etl.scheduler import run_daemon
+from tests.fix_exchange import CLI
+from tests.sync.helpers import assert_table_equals_truth, runs
+
+
+def test_jobs_run_on_their_intervals_and_a_failing_job_does_not_stop_the_daemon():
+    stop = threading.Event()
+    calls: dict[str, int] = {"fast": 0, "failing": 0, "busy": 0}
+
+    def job(name: str, error: Exception | None = None):
+        def run(_stop: threading.Event) -> None:
+            calls[name] += 1
+            if error is not None:
+                raise error
+
+        return run
+
+    threading.Timer(1.3, stop.set).start()
+    code = run_daemon(
+        {
+            "fast": (job("fast"), timedelta(seconds=0.25)),
+            "failing": (job("failing", ApiTransportError("down")), timedelta(seconds=0.25)),
+            "busy": (job("busy", LockBusyError("held")), timedelta(seconds=0.25)),
+        },
+        stop=stop,
+        install_signals=False,
+    )
+    assert code == 0
+    assert calls["fast"] >= 3 and calls["failing"] >= 3 and calls["busy"] >= 3
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_daemon_cleanly_with_exit_0(db, live_simulator, exchange):
+    live_simulator.app.faults.latency = 0.02
+    proc = subprocess.Popen(
+        [*CLI, "daemon", "--orders-every", "1s", "--queue-every", "1s"],
+        env=live_simulator.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if sum(r.status == "succeeded" for r in runs(db)) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "daemon stopped" in stderr and "Traceback" not in stderr
+    assert all(r.status != "running" for r in runs(db))
+    assert {r.stream for r in runs(db)} == {"orders", "queue_positions"}
+    assert_table_equals_truth(db, exchange)
