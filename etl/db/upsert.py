@@ -9,6 +9,7 @@ nothing (no dead tuples). Rejected payloads are inserted into ``rejected_records
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -70,10 +71,13 @@ def newest_per_order(records: Iterable[Order]) -> list[Order]:
     return list(newest.values())
 
 
+_COLUMNS_BUT_RAW = operator.attrgetter(*ORDER_COLUMNS[:-1])
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _row(order: Order) -> tuple[Any, ...]:
-    values = [getattr(order, name) for name in ORDER_COLUMNS]
-    values[-1] = json.dumps(order.raw, separators=(",", ":"))
-    return tuple(values)
+    """The COPY row of an order: its columns in ORDER_COLUMNS order, ``raw`` as JSON text."""
+    return (*_COLUMNS_BUT_RAW(order), _JSON.encode(order.raw))
 
 
 def upsert_orders(conn: Connection, records: Sequence[Order], *, synced_at: datetime) -> Counts:

@@ -26,8 +26,14 @@ _ENUMS: Final[dict[str, frozenset[str]]] = {
     "self_trade_prevention_type": frozenset({"taker_at_cross", "maker"}),
 }
 _CENTS: Final = Decimal(100)
-_DOLLARS_Q: Final = Decimal("0.000001")
-_COUNT_Q: Final = Decimal("0.01")
+_ZERO: Final = Decimal(0)
+_ONE: Final = Decimal(1)
+_DOLLAR_PLACES: Final = 6
+_COUNT_PLACES: Final = 2
+_QUANTUM: Final = {p: Decimal(1).scaleb(-p) for p in (_DOLLAR_PLACES, _COUNT_PLACES)}
+_NUMERIC_LIMIT: Final = {p: Decimal(10) ** (18 - p) for p in (_DOLLAR_PLACES, _COUNT_PLACES)}
+_DOLLARS_Q: Final = _QUANTUM[_DOLLAR_PLACES]
+_COUNT_Q: Final = _QUANTUM[_COUNT_PLACES]
 
 
 class RecordError(ValueError):
@@ -142,19 +148,23 @@ def _decimal(
     data: Mapping[str, Any],
     name: str,
     *,
-    quantum: Decimal,
+    places: int,
     minimum: Decimal | None = None,
     maximum: Decimal | None = None,
 ) -> Decimal | None:
     value = data.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if type(value) is str:
+        text = value
+    elif isinstance(value, bool) or not isinstance(value, int | float):
         raise RecordError(
             f"{name}: expected a decimal string, got {type(value).__name__} {value!r:.40}"
         )
+    else:
+        text = str(value)
     try:
-        number = Decimal(str(value).strip())
+        number = Decimal(text)
     except InvalidOperation:
         raise RecordError(f"{name}: expected a decimal string, got {value!r:.40}") from None
     if not number.is_finite():
@@ -163,10 +173,11 @@ def _decimal(
         raise RecordError(f"{name}: must be >= {minimum}, got {value}")
     if maximum is not None and number > maximum:
         raise RecordError(f"{name}: must be <= {maximum}, got {value}")
-    places = -int(quantum.as_tuple().exponent)
-    if number.copy_abs() >= Decimal(10) ** (18 - places):  # fits numeric(18, places)
+    if abs(number) >= _NUMERIC_LIMIT[places]:  # must fit numeric(18, places)
         raise RecordError(f"{name}: out of range: {value!r:.40}")
-    if number != number.quantize(quantum):
+    exponent = number.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if exponent < -places and number != number.quantize(_QUANTUM[places]):
         raise RecordError(f"{name}: more than {places} decimals: {value!r}")
     return number
 
@@ -262,14 +273,14 @@ def _order(data: dict[str, Any]) -> Order:
         given = _decimal(
             data,
             name,
-            quantum=_DOLLARS_Q,
-            minimum=Decimal(0) if price or "fill_cost" in name else None,
-            maximum=Decimal(1) if price else None,
+            places=_DOLLAR_PLACES,
+            minimum=_ZERO if price or "fill_cost" in name else None,
+            maximum=_ONE if price else None,
         )
         return given if given is not None else _dollars_from_cents(cents_value)
 
     def count_fp(name: str, count: int | None) -> Decimal | None:
-        given = _decimal(data, name, quantum=_COUNT_Q, minimum=Decimal(0))
+        given = _decimal(data, name, places=_COUNT_PLACES, minimum=_ZERO)
         return given if given is not None else _fp_from_count(count)
 
     subaccount = _int(data, "subaccount_number", minimum=0)
@@ -327,7 +338,7 @@ def parse_queue_position(raw: Any) -> QueuePosition | Rejected:
         order_id = _text(raw, "order_id", required=True)
         ticker = _text(raw, "market_ticker", required=True)
         assert order_id is not None and ticker is not None
-        position = _decimal(raw, "queue_position_fp", quantum=_COUNT_Q, minimum=Decimal(0))
+        position = _decimal(raw, "queue_position_fp", places=_COUNT_PLACES, minimum=_ZERO)
         if position is None:
             position = _fp_from_count(_int(raw, "queue_position", minimum=0))
         if position is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -94,6 +95,48 @@ class Progress:
             log.info("%s: %d orders so far (%.0f/s)", self.label, self.fetched, rate)
 
 
+_END = object()
+
+
+def prefetched(pages: Iterable[Page], *, depth: int = 1) -> Iterator[Page]:
+    """Fetch up to ``depth`` pages ahead on a thread, so the API's latency overlaps the
+    database write of the page before. Errors surface at the page where they happened; a
+    page fetched but not yet written is simply fetched again by the next run."""
+    handoff: queue.Queue[object] = queue.Queue(maxsize=depth)
+    closed = threading.Event()
+
+    def put(item: object) -> bool:
+        while not closed.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for page in pages:
+                if not put(page):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    threading.Thread(target=produce, name="page-prefetch", daemon=True).start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, Page)
+            yield item
+    finally:
+        closed.set()
+
+
 def write_page(
     engine: Engine,
     items: Sequence[Any],
@@ -162,7 +205,7 @@ def pull(
     """
     result = PullResult()
     progress = Progress(label)
-    iterator: Iterator[Page] = iter(pages)
+    iterator: Iterator[Page] = prefetched(pages)
     while True:
         try:
             page = next(iterator)

@@ -1,0 +1,1 @@
+"""The kalshi-etl benchmark (`make bench`)."""
