@@ -76,7 +76,7 @@ def setup_logging(fmt: str, *, debug: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("httpx", "httpcore", "apscheduler", "alembic"):
+    for noisy in ("httpx", "httpcore", "apscheduler", "alembic", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
@@ -398,6 +398,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         log.info("no Kalshi credentials set: using the built-in simulator at %s", settings.api_base)
     try:
         engine = open_engine(settings, migrate=True)
+        if simulator is not None:
+            demo.reset_simulated_data(engine, simulator.key_id)
         with open_client(settings) as client:
             for line in demo.run(
                 engine,

@@ -17,6 +17,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from etl.db.models import metadata
+from etl.errors import ConfigError
 from etl.kalshi.client import KalshiClient
 from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import key_id, load_or_create
@@ -40,6 +42,30 @@ WHERE order_id = '<order id>' ORDER BY captured_at;
 
 -- Payloads that could not be parsed, with the reason
 SELECT received_at, stream, error FROM rejected_records ORDER BY id DESC LIMIT 20;"""
+
+
+def reset_simulated_data(engine: Engine, account: str) -> None:
+    """Empty the tables for a fresh simulated run, but only when they hold nothing but the
+    simulator's own account: a database with a real account's data is never touched.
+
+    Raises:
+        ConfigError: when the database holds another account's data.
+    """
+    with engine.begin() as conn:
+        accounts = {
+            row[0]
+            for row in conn.execute(
+                sa.text("SELECT account FROM sync_state UNION SELECT account FROM sync_runs")
+            )
+        }
+        has_orders = conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM orders)")).scalar_one()
+        if accounts - {account} or (has_orders and not accounts):
+            raise ConfigError(
+                "the database holds data of another Kalshi account; the simulated demo will "
+                "not mix into it: unset DATABASE_URL or point it at an empty database"
+            )
+        names = ", ".join(table.name for table in metadata.sorted_tables)
+        conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY"))
 
 
 @dataclass
@@ -109,6 +135,10 @@ def run(
         )
         if cycle < cycles:
             time.sleep(pause)
+    if exchange is not None:
+        exchange.events_per_second = 0  # pause the market, so the check below is exact
+        final = sync_orders(engine, client, account=account, lookback=lookback).counts
+        yield f"market paused; catch-up cycle: new {final.inserted}, changed {final.updated}"
     yield from report(engine, exchange)
 
 
@@ -163,12 +193,9 @@ def report(engine: Engine, exchange: Exchange | None) -> Iterator[str]:
             yield ""
             yield (
                 f"check against the simulator: {len(truth)} orders on the exchange, "
-                f"{len(stored)} in the table, {behind} behind (trading went on after the last "
-                "cycle)"
-                if behind
-                else f"check against the simulator: {len(truth)} orders on the exchange, "
-                f"{len(stored)} in the table, all up to date"
+                f"{len(stored)} in the table, "
+                + (f"{behind} NOT up to date" if behind else "every one up to date")
             )
     yield ""
-    yield "explore further with psql (kalshi-etl status shows the database):"
+    yield "explore further with any PostgreSQL client on the same database, for example:"
     yield from ("  " + line for line in EXPLORE_SQL.splitlines())

@@ -193,3 +193,27 @@ def test_python_dash_m_etl_is_the_same_program():
         [sys.executable, "-m", "etl", "--version"], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.startswith("kalshi-etl ")
+
+
+def test_the_demo_runs_against_the_simulator_and_ends_up_to_date(db, tmp_path, database_url):
+    env = {**base_env(tmp_path), "DATABASE_URL": database_url}
+    for _ in range(2):  # a second run starts again from clean simulated data
+        result = run(["demo", "--cycles", "2"], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "every one up to date" in result.stdout
+        assert "WARNING" not in result.stderr
+
+
+def test_the_demo_never_mixes_into_a_real_accounts_data(db, tmp_path, database_url):
+    from etl.db.state import write_state
+
+    with db.begin() as conn:
+        write_state(conn, "a-real-account", "orders", watermark=None)
+    result = run(["demo"], {**base_env(tmp_path), "DATABASE_URL": database_url}, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kalshi-etl: error")]
+    assert len(errors) == 1 and "holds data of another Kalshi account" in errors[0]
+    with db.connect() as conn:  # untouched
+        assert (
+            conn.exec_driver_sql("SELECT account FROM sync_state").scalar_one() == "a-real-account"
+        )

@@ -9,6 +9,7 @@ of its page. The payload travels with the record (``raw``), unknown fields inclu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -234,6 +235,12 @@ def parse_order(raw: Any) -> Order | Rejected:
     """
     if not isinstance(raw, dict):
         return Rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
+    if _has_nul(raw):
+        # PostgreSQL stores no NUL in text or jsonb: keep the payload as escaped JSON text.
+        return Rejected(
+            "contains a NUL character (\\u0000), which PostgreSQL cannot store",
+            json.dumps(raw),
+        )
     try:
         return _order(raw)
     except RecordError as exc:
@@ -329,11 +336,23 @@ def _order(data: dict[str, Any]) -> Order:
     )
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
 def parse_queue_position(raw: Any) -> QueuePosition | Rejected:
     """Parse one queue-position entry (``queue_position`` int in 2025, ``queue_position_fp``
     decimal string in 2026)."""
     if not isinstance(raw, dict):
         return Rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
+    if _has_nul(raw):
+        return Rejected("contains a NUL character, which PostgreSQL cannot store", json.dumps(raw))
     try:
         order_id = _text(raw, "order_id", required=True)
         ticker = _text(raw, "market_ticker", required=True)

@@ -206,3 +206,10 @@ def test_broken_queue_positions_are_rejected(payload, reason):
     result = parse_queue_position(payload)
     assert isinstance(result, Rejected)
     assert reason in result.reason
+
+
+def test_a_nul_character_anywhere_rejects_the_order_keeping_it_as_json_text():
+    result = parse_order({**ORDER_2026, "extra": {"note": "a\x00b"}})
+    assert isinstance(result, Rejected)
+    assert "NUL" in result.reason
+    assert isinstance(result.raw, str) and "\\u0000" in result.raw

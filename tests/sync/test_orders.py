@@ -269,3 +269,19 @@ def test_a_failed_backfill_keeps_its_done_windows_and_resumes(db, private_key, a
     assert_table_equals_truth(db, exchange)
     assert resumed.counts.fetched < len(exchange.truth())  # done windows were not fetched again
     assert [r.status for r in runs(db)] == ["failed", "succeeded"]
+
+
+def test_an_order_postgresql_cannot_store_is_rejected_not_a_poison_pill(db, private_key, app):
+    def adds_nul(request: httpx.Request) -> httpx.Response:
+        answer = httpx.WSGITransport(app=app).handle_request(request)
+        answer.read()
+        body = answer.json()
+        if body.get("orders"):
+            body["orders"][0] = {**body["orders"][0], "client_order_id": "bad\x00id"}
+        return httpx.Response(answer.status_code, json=body)
+
+    client = make_client(httpx.MockTransport(adds_nul), private_key)
+    result = sync(db, client)
+    assert result.counts.rejected >= 1
+    assert count(db, "SELECT count(*) FROM rejected_records WHERE payload_text LIKE '%u0000%'") >= 1
+    assert runs(db)[-1].status == "succeeded"
