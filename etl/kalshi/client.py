@@ -37,6 +37,8 @@ LIST_COST = 10
 SINGLE_COST = 2
 QUEUE_TICKERS_PER_CALL = 50
 _RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# Answers that mean "this server does not have that endpoint", never worth a retry.
+_NOT_SERVED = frozenset({404, 405, 501})
 
 
 class TokenBucket:
@@ -349,7 +351,7 @@ class KalshiClient:
         try:
             body = self._get_json("exchange/user_data_timestamp", cost=SINGLE_COST)
         except ApiStatusError as exc:
-            if exc.status == 404:
+            if exc.status in _NOT_SERVED:
                 return None
             raise
         if not isinstance(body, dict):
@@ -433,7 +435,9 @@ class KalshiClient:
                     api_message=message,
                 )
                 cause = failure
-                if response.status_code != 429 and response.status_code < 500:
+                if response.status_code != 429 and (
+                    response.status_code < 500 or response.status_code in _NOT_SERVED
+                ):
                     raise failure
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
             delay = (

@@ -206,10 +206,16 @@ def pull(
     result = PullResult()
     progress = Progress(label)
     iterator: Iterator[Page] = prefetched(pages)
+    seen_page = False
     while True:
         try:
             page = next(iterator)
         except StopIteration:
+            if not seen_page and checkpoint is not None:
+                # A listing with no page at all (a tier the server lacks) is complete too.
+                write_page(
+                    engine, [], account=account, run_id=run_id, checkpoint=checkpoint, clock=clock
+                )
             break
         except ApiProtocolError as exc:
             keep_unparseable_body(engine, exc, account=account)
@@ -222,6 +228,7 @@ def pull(
             checkpoint=checkpoint if page.is_last else None,
             clock=clock,
         )
+        seen_page = True
         result.counts += counts
         result.open_ids.update(o.order_id for o in orders if o.is_open)
         progress.add(len(page.items))
@@ -510,10 +517,6 @@ def backfill_orders(
                 clock=clock,
                 stop=stop,
             )
-            if historical.counts.fetched == 0:
-                # An empty historical listing yields no page on a 404 tier: record it here.
-                with engine.begin() as conn:
-                    mark_window_done(conn, account, stream, win.key)
             return live.counts + historical.counts
 
         def body(run_id: int) -> tuple[Counts, datetime | None]:

@@ -264,3 +264,15 @@ def test_retry_after_accepts_seconds_and_http_dates():
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
     assert parse_retry_after("soon") is None
+
+
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_a_server_without_user_data_timestamp_means_none_without_retrying(private_key, status):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(status, json={"code": "nope", "message": "not here"})
+
+    assert make_client(mock(handler), private_key).user_data_timestamp() is None
+    assert len(calls) == 1

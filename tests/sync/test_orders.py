@@ -285,3 +285,18 @@ def test_an_order_postgresql_cannot_store_is_rejected_not_a_poison_pill(db, priv
     assert result.counts.rejected >= 1
     assert count(db, "SELECT count(*) FROM rejected_records WHERE payload_text LIKE '%u0000%'") >= 1
     assert runs(db)[-1].status == "succeeded"
+
+
+def test_a_server_with_a_cutoff_but_no_historical_orders_still_moves_the_watermark(
+    db, private_key, app, exchange
+):
+    def no_historical_orders(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/historical/orders"):
+            return httpx.Response(404, json={"code": "not_found", "message": "no such route"})
+        answer = httpx.WSGITransport(app=app).handle_request(request)
+        answer.read()
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    sync(db, make_client(httpx.MockTransport(no_historical_orders), private_key))
+    with db.connect() as conn:
+        assert watermark_of(read_state(conn, ACCOUNT, "orders")) == exchange.user_data_timestamp()
