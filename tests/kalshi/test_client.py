@@ -276,3 +276,15 @@ def test_a_server_without_user_data_timestamp_means_none_without_retrying(privat
 
     assert make_client(mock(handler), private_key).user_data_timestamp() is None
     assert len(calls) == 1
+
+
+def test_the_simulator_refuses_queue_positions_without_markets_or_event(client):
+    with pytest.raises(ApiStatusError) as caught:
+        client._get_json("portfolio/orders/queue_positions")  # noqa: SLF001 - bypass the guard
+    assert caught.value.status == 400
+    assert caught.value.api_message == "market_tickers or event_ticker is required"
+
+
+def test_the_client_will_not_send_a_queue_call_without_markets_or_event(client):
+    with pytest.raises(ValueError, match="market_tickers or event_ticker"):
+        client.queue_positions()
