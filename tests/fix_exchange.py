@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -54,8 +55,26 @@ class Sleeps(list[float]):
         self.append(seconds)
 
 
+WsgiApp = Callable[..., Any]
+
+
+def rewriting(app: WsgiApp, rewrite: Callable[[httpx.Request, Any], Any]) -> httpx.MockTransport:
+    """A transport answering like ``app``, with each JSON body passed through ``rewrite``."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        answer = httpx.WSGITransport(app=app).handle_request(request)
+        answer.read()
+        try:
+            body = answer.json()
+        except ValueError:
+            return httpx.Response(answer.status_code, content=answer.content)
+        return httpx.Response(answer.status_code, json=rewrite(request, body))
+
+    return httpx.MockTransport(handle)
+
+
 def make_client(
-    app: SimulatorApp | httpx.MockTransport,
+    app: WsgiApp | httpx.MockTransport,
     key: rsa.RSAPrivateKey,
     *,
     page_size: int = 50,

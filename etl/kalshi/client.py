@@ -63,18 +63,23 @@ class TokenBucket:
         self._last = clock()
         self._lock = threading.Lock()
 
+    def _take(self, cost: float) -> float:
+        """Refill, then take ``cost`` tokens if there; return the seconds still to wait (0 when
+        taken). Call with the lock held."""
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= cost:
+            self._tokens -= cost
+            return 0.0
+        return (cost - self._tokens) / self.rate
+
     def try_acquire(self, cost: float) -> bool:
         """Take ``cost`` tokens if they are there now; never waits."""
         if self.rate <= 0:
             return True
         with self._lock:
-            now = self._clock()
-            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            if self._tokens >= cost:
-                self._tokens -= cost
-                return True
-            return False
+            return self._take(cost) == 0.0
 
     def acquire(self, cost: float) -> None:
         """Take ``cost`` tokens, sleeping until they are there."""
@@ -83,13 +88,9 @@ class TokenBucket:
         cost = min(cost, self.capacity)
         while True:
             with self._lock:
-                now = self._clock()
-                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                if self._tokens >= cost:
-                    self._tokens -= cost
-                    return
-                wait = (cost - self._tokens) / self.rate
+                wait = self._take(cost)
+            if wait == 0.0:
+                return
             self._sleep(wait)
 
 

@@ -19,7 +19,7 @@ from etl.errors import ApiProtocolError, ApiStatusError, StopRequested
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
 from etl.sync.orders import backfill_orders, sync_orders
-from tests.fix_exchange import CLI, NOW, make_client
+from tests.fix_exchange import CLI, NOW, make_client, rewriting
 from tests.sync.helpers import assert_table_equals_truth, count, runs, stored_orders
 
 ACCOUNT = "acct"
@@ -32,6 +32,20 @@ def watermark_of(state: StreamState | None):
 
 def sync(db, client, **kwargs):
     return sync_orders(db, client, account=ACCOUNT, **kwargs)
+
+
+def backfill(db, client, exchange, *, concurrency: int):
+    """Backfill the exchange's whole history (70 days) in 7-day windows."""
+    since, until = exchange.now - timedelta(days=70), exchange.now + timedelta(seconds=1)
+    return backfill_orders(
+        db,
+        client,
+        account=ACCOUNT,
+        since=since,
+        until=until,
+        window=timedelta(days=7),
+        concurrency=concurrency,
+    )
 
 
 def test_the_first_sync_loads_every_order_of_both_tiers(db, client, exchange):
@@ -128,10 +142,8 @@ def test_a_page_that_is_not_json_is_kept_and_fails_the_run(db, private_key, app)
             return [b"<html>upstream hiccup</html>"]
         return app(environ, start_response)
 
-    client = make_client(app, private_key)
-    client._http._transport = httpx.WSGITransport(app=broken_once)  # noqa: SLF001
     with pytest.raises(ApiProtocolError, match="not JSON"):
-        sync(db, client)
+        sync(db, make_client(broken_once, private_key))
     assert (
         count(
             db,
@@ -207,33 +219,15 @@ def test_two_concurrent_syncs_never_interleave(db, live_simulator, exchange):
 
 
 def test_backfill_loads_a_range_and_a_rerun_resumes_with_nothing_left(db, client, exchange):
-    since, until = exchange.now - timedelta(days=70), exchange.now + timedelta(seconds=1)
-    first = backfill_orders(
-        db,
-        client,
-        account=ACCOUNT,
-        since=since,
-        until=until,
-        window=timedelta(days=7),
-        concurrency=3,
-    )
+    first = backfill(db, client, exchange, concurrency=3)
     assert_table_equals_truth(db, exchange)
     assert first.counts.inserted == len(exchange.truth())
-    again = backfill_orders(
-        db,
-        client,
-        account=ACCOUNT,
-        since=since,
-        until=until,
-        window=timedelta(days=7),
-        concurrency=3,
-    )
+    again = backfill(db, client, exchange, concurrency=3)
     assert again.counts.fetched == 0
     assert [r.mode for r in runs(db)] == ["backfill", "backfill"]
 
 
 def test_a_failed_backfill_keeps_its_done_windows_and_resumes(db, private_key, app, exchange):
-    since, until = exchange.now - timedelta(days=70), exchange.now + timedelta(seconds=1)
     calls = []
 
     def dies_after_seven_calls(environ, start_response):
@@ -243,44 +237,24 @@ def test_a_failed_backfill_keeps_its_done_windows_and_resumes(db, private_key, a
             return [b'{"code": "unavailable", "message": "down"}']
         return app(environ, start_response)
 
-    failing = make_client(app, private_key)
-    failing._http._transport = httpx.WSGITransport(app=dies_after_seven_calls)  # noqa: SLF001
+    failing = make_client(dies_after_seven_calls, private_key)
     with pytest.raises(ApiStatusError, match="503"):
-        backfill_orders(
-            db,
-            failing,
-            account=ACCOUNT,
-            since=since,
-            until=until,
-            window=timedelta(days=7),
-            concurrency=1,
-        )
+        backfill(db, failing, exchange, concurrency=1)
     loaded_before = count(db, "SELECT count(*) FROM orders")
     assert loaded_before > 0
-    resumed = backfill_orders(
-        db,
-        make_client(app, private_key),
-        account=ACCOUNT,
-        since=since,
-        until=until,
-        window=timedelta(days=7),
-        concurrency=2,
-    )
+    resumed = backfill(db, make_client(app, private_key), exchange, concurrency=2)
     assert_table_equals_truth(db, exchange)
     assert resumed.counts.fetched < len(exchange.truth())  # done windows were not fetched again
     assert [r.status for r in runs(db)] == ["failed", "succeeded"]
 
 
 def test_an_order_postgresql_cannot_store_is_rejected_not_a_poison_pill(db, private_key, app):
-    def adds_nul(request: httpx.Request) -> httpx.Response:
-        answer = httpx.WSGITransport(app=app).handle_request(request)
-        answer.read()
-        body = answer.json()
+    def adds_nul(request: httpx.Request, body: dict) -> dict:
         if body.get("orders"):
             body["orders"][0] = {**body["orders"][0], "client_order_id": "bad\x00id"}
-        return httpx.Response(answer.status_code, json=body)
+        return body
 
-    client = make_client(httpx.MockTransport(adds_nul), private_key)
+    client = make_client(rewriting(app, adds_nul), private_key)
     result = sync(db, client)
     assert result.counts.rejected >= 1
     assert count(db, "SELECT count(*) FROM rejected_records WHERE payload_text LIKE '%u0000%'") >= 1
@@ -290,13 +264,12 @@ def test_an_order_postgresql_cannot_store_is_rejected_not_a_poison_pill(db, priv
 def test_a_server_with_a_cutoff_but_no_historical_orders_still_moves_the_watermark(
     db, private_key, app, exchange
 ):
-    def no_historical_orders(request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/historical/orders"):
-            return httpx.Response(404, json={"code": "not_found", "message": "no such route"})
-        answer = httpx.WSGITransport(app=app).handle_request(request)
-        answer.read()
-        return httpx.Response(answer.status_code, content=answer.content)
+    def no_historical_orders(environ, start_response):
+        if environ["PATH_INFO"].endswith("/historical/orders"):
+            start_response("404 Not Found", [("Content-Type", "application/json")])
+            return [b'{"code": "not_found", "message": "no such route"}']
+        return app(environ, start_response)
 
-    sync(db, make_client(httpx.MockTransport(no_historical_orders), private_key))
+    sync(db, make_client(no_historical_orders, private_key))
     with db.connect() as conn:
         assert watermark_of(read_state(conn, ACCOUNT, "orders")) == exchange.user_data_timestamp()

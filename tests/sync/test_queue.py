@@ -12,7 +12,7 @@ from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
 from etl.sync.orders import sync_orders
 from etl.sync.queue import poll_queue_positions
-from tests.fix_exchange import NOW, make_client
+from tests.fix_exchange import NOW, make_client, rewriting
 from tests.sync.helpers import count, runs
 
 ACCOUNT = "acct"
@@ -69,17 +69,14 @@ def test_2025_integer_positions_are_stored(db, private_key):
 def test_a_bad_queue_entry_is_kept_aside_and_the_rest_is_written(db, client, app, private_key):
     sync_orders(db, client, account=ACCOUNT)
 
-    def adds_a_bad_entry(request: httpx.Request) -> httpx.Response:
-        good = httpx.WSGITransport(app=app).handle_request(request)
-        good.read()
-        body = good.json()
+    def adds_a_bad_entry(request: httpx.Request, body: dict) -> dict:
         if "queue_positions" in request.url.path and body.get("queue_positions"):
             body["queue_positions"].append(
                 {"order_id": "x", "market_ticker": "M", "queue_position_fp": "soon"}
             )
-        return httpx.Response(good.status_code, json=body)
+        return body
 
-    poller = make_client(httpx.MockTransport(adds_a_bad_entry), private_key)
+    poller = make_client(rewriting(app, adds_a_bad_entry), private_key)
     result = poll_queue_positions(db, poller, account=ACCOUNT)
     assert result.counts.rejected >= 1
     assert (
