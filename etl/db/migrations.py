@@ -1,7 +1,8 @@
 """Schema migrations: run alembic over a live connection, wherever the program runs from.
 
-The migrations live beside the package (``migrations/``, ``alembic.ini`` at the project root);
-they are located from this file, not from the working directory.
+The migrations live at the project root (``migrations/``) in a source checkout and inside the
+package (``etl._migrations``) in an installed wheel; either way they are located from the
+package, never from the working directory.
 """
 
 from __future__ import annotations
@@ -19,16 +20,25 @@ from etl.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+def migrations_dir() -> Path:
+    """The folder of the alembic scripts: the source tree's, else the installed package's."""
+    source = PROJECT_ROOT / "migrations"
+    if (source / "env.py").is_file():
+        return source
+    installed = Path(__file__).resolve().parents[1] / "_migrations"
+    if (installed / "env.py").is_file():
+        return installed
+    raise ConfigError(
+        f"cannot find the alembic migrations (looked in {source} and {installed}); "
+        "reinstall kalshi-etl"
+    )
+
+
 def alembic_config() -> Config:
     """An alembic Config pointing at this project's migrations."""
     ini = PROJECT_ROOT / "alembic.ini"
-    scripts = PROJECT_ROOT / "migrations"
-    if not scripts.is_dir():
-        raise ConfigError(
-            f"cannot find the alembic migrations in {scripts}; install kalshi-etl from its "
-            "source tree (pip install -e .)"
-        )
-    config = Config(str(ini) if ini.is_file() else None)
+    scripts = migrations_dir()
+    config = Config(str(ini) if ini.is_file() and scripts.parent == PROJECT_ROOT else None)
     config.set_main_option("script_location", str(scripts))
     return config
 
