@@ -16,7 +16,8 @@ One cycle (:func:`sync_orders`):
    (404 → looked up in the historical tier by its ticker).
 
 The new watermark is the server's ``user_data_timestamp`` taken *before* step 1 (the local
-clock where the server has none): never past what the server has seen, never backwards.
+clock where the server has none, or where it is earlier): never past what the server has seen,
+never backwards.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -98,7 +99,7 @@ class Progress:
 _END = object()
 
 
-def prefetched(pages: Iterable[Page], *, depth: int = 1) -> Iterator[Page]:
+def prefetched(pages: Iterable[Page], *, depth: int = 1) -> Generator[Page, None, None]:
     """Fetch up to ``depth`` pages ahead on a thread, so the API's latency overlaps the
     database write of the page before. Errors surface at the page where they happened; a
     page fetched but not yet written is simply fetched again by the next run."""
@@ -205,36 +206,43 @@ def pull(
     """
     result = PullResult()
     progress = Progress(label)
-    iterator: Iterator[Page] = prefetched(pages)
+    iterator = prefetched(pages)
     seen_page = False
-    while True:
-        try:
-            page = next(iterator)
-        except StopIteration:
-            if not seen_page and checkpoint is not None:
-                # A listing with no page at all (a tier the server lacks) is complete too.
-                write_page(
-                    engine, [], account=account, run_id=run_id, checkpoint=checkpoint, clock=clock
-                )
-            break
-        except ApiProtocolError as exc:
-            keep_unparseable_body(engine, exc, account=account)
-            raise
-        counts, orders = write_page(
-            engine,
-            page.items,
-            account=account,
-            run_id=run_id,
-            checkpoint=checkpoint if page.is_last else None,
-            clock=clock,
-        )
-        seen_page = True
-        result.counts += counts
-        result.open_ids.update(o.order_id for o in orders if o.is_open)
-        progress.add(len(page.items))
-        if stop is not None and stop.is_set() and not page.is_last:
-            raise StopRequested(f"stopped during {label}; the pages read so far are committed")
-    return result
+    try:
+        while True:
+            try:
+                page = next(iterator)
+            except StopIteration:
+                if not seen_page and checkpoint is not None:
+                    # A listing with no page at all (a tier the server lacks) is complete too.
+                    write_page(
+                        engine,
+                        [],
+                        account=account,
+                        run_id=run_id,
+                        checkpoint=checkpoint,
+                        clock=clock,
+                    )
+                return result
+            except ApiProtocolError as exc:
+                keep_unparseable_body(engine, exc, account=account)
+                raise
+            counts, orders = write_page(
+                engine,
+                page.items,
+                account=account,
+                run_id=run_id,
+                checkpoint=checkpoint if page.is_last else None,
+                clock=clock,
+            )
+            seen_page = True
+            result.counts += counts
+            result.open_ids.update(o.order_id for o in orders if o.is_open)
+            progress.add(len(page.items))
+            if stop is not None and stop.is_set() and not page.is_last:
+                raise StopRequested(f"stopped during {label}; the pages read so far are committed")
+    finally:
+        iterator.close()  # stops the prefetch thread at once, whatever ended the pull
 
 
 def settle(
@@ -375,8 +383,11 @@ def _cycle(
 ) -> tuple[Counts, datetime | None]:
     with engine.connect() as conn:
         stored = read_state(conn, account, STREAM)
-    # Taken before the pull: everything the server had seen by then is in what we read.
-    as_of = client.user_data_timestamp() or clock()
+    # Taken before the pull: everything the server had seen by then is in what we read. The
+    # earlier of server and local time, so a server clock running ahead cannot skip orders.
+    local = clock()
+    server = client.user_data_timestamp()
+    as_of = min(server, local) if server is not None else local
     cutoff = client.historical_cutoff()
     checkpoint = Checkpoint(watermark=as_of)
 

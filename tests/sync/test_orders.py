@@ -9,7 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -273,3 +273,14 @@ def test_a_server_with_a_cutoff_but_no_historical_orders_still_moves_the_waterma
     sync(db, make_client(no_historical_orders, private_key))
     with db.connect() as conn:
         assert watermark_of(read_state(conn, ACCOUNT, "orders")) == exchange.user_data_timestamp()
+
+
+def test_a_server_clock_running_ahead_cannot_push_the_watermark_into_the_future(db, private_key):
+    future = NOW.replace(year=2099)
+    exchange = Exchange(seed=4, orders=50, api="2026", now=future, events_per_second=0)
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    before = datetime.now(UTC)
+    sync(db, make_client(app, private_key))
+    with db.connect() as conn:
+        watermark = watermark_of(read_state(conn, ACCOUNT, "orders"))
+    assert before <= watermark <= datetime.now(UTC)
