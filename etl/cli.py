@@ -217,7 +217,8 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     client = open_client(settings)
     engine = open_engine(settings, migrate=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with client:
         try:
             result = backfill_orders(
@@ -233,6 +234,13 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
             )
         except ApiStatusError as exc:
             raise _explain_auth(exc, settings) from exc
+        except StopRequested:
+            print(
+                "kalshi-etl: backfill stopped; the windows done are kept: run the same command "
+                "again to resume",
+                file=sys.stderr,
+            )
+            return 130
     c = result.counts
     print(
         f"backfill {since.isoformat()} .. {until.isoformat()}: fetched {c.fetched}, inserted "

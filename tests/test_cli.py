@@ -217,3 +217,41 @@ def test_the_demo_never_mixes_into_a_real_accounts_data(db, tmp_path, database_u
         assert (
             conn.exec_driver_sql("SELECT account FROM sync_state").scalar_one() == "a-real-account"
         )
+
+
+def test_an_interrupted_backfill_commits_stops_and_resumes(db, tmp_path, live_simulator, exchange):
+    import signal
+
+    live_simulator.app.faults.latency = 0.05
+    args = [
+        "backfill",
+        "--since",
+        "2026-09-01",
+        "--until",
+        "2026-11-21",
+        "--window",
+        "2d",
+        "--concurrency",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        [*CLI, *args],
+        env=live_simulator.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with db.connect() as conn:
+            if conn.exec_driver_sql("SELECT count(*) FROM orders").scalar_one() > 0:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    live_simulator.app.faults.latency = 0
+    resumed = run(args, live_simulator.env, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_table_equals_truth(db, exchange)

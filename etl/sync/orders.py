@@ -504,6 +504,8 @@ def backfill_orders(
         has_history = False
 
         def run_window(run_id: int, win: Window) -> Counts:
+            if stop is not None and stop.is_set():
+                raise StopRequested("stopped before every window was fetched")
             checkpoint = Checkpoint(stream=stream, window=win.key)
             lo, hi = _seconds(win.start), math.ceil(win.end.timestamp())
             live = pull(
