@@ -199,11 +199,12 @@ def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
 
 @pytest.mark.slow
 def test_two_concurrent_syncs_never_interleave(db, live_simulator, exchange):
-    live_simulator.app.faults.latency = 0.05
+    live_simulator.app.faults.latency = 0.1  # each run takes ~2 s: longer than any start skew
+    env = {**live_simulator.env, "KALSHI_PAGE_SIZE": "25"}
     procs = [
         subprocess.Popen(
             [*CLI, "sync", "--no-queue"],
-            env=live_simulator.env,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
