@@ -116,17 +116,22 @@ class OpenOrder:
     order_id: str
     ticker: str
     subaccount_number: int | None
+    created_time: datetime | None
 
 
 def open_orders(conn: Connection) -> list[OpenOrder]:
     """Every stored order still resting or pending: the ones a cycle must settle and whose
     queue positions are polled."""
     rows = conn.execute(
-        sa.select(orders.c.order_id, orders.c.ticker, orders.c.subaccount_number)
+        sa.select(
+            orders.c.order_id, orders.c.ticker, orders.c.subaccount_number, orders.c.created_time
+        )
         .where(orders.c.status.in_(("resting", "pending")))
         .order_by(orders.c.order_id)
     )
-    return [OpenOrder(row.order_id, row.ticker, row.subaccount_number) for row in rows]
+    return [
+        OpenOrder(row.order_id, row.ticker, row.subaccount_number, row.created_time) for row in rows
+    ]
 
 
 def windows_done(conn: Connection, account: str, stream: str) -> set[str]:

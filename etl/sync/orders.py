@@ -256,17 +256,26 @@ def settle(
 ) -> Counts:
     """Fetch, by id, every order stored as open that the resting listing no longer shows."""
     with engine.connect() as conn:
-        stale = [(o.order_id, o.ticker) for o in open_orders(conn) if o.order_id not in listed_open]
+        stale = [o for o in open_orders(conn) if o.order_id not in listed_open]
     if not stale:
         return Counts()
     log.info("settling %d order(s) no longer listed as resting", len(stale))
     counts = Counts()
     batch: list[Any] = []
     gone: dict[str, set[str]] = {}
-    for order_id, ticker in stale:
-        raw = client.get_order(order_id)
+    oldest: dict[str, datetime | None] = {}
+    for order in stale:
+        raw = client.get_order(order.order_id)
         if raw is None:
-            gone.setdefault(ticker, set()).add(order_id)
+            gone.setdefault(order.ticker, set()).add(order.order_id)
+            # min_ts at the oldest creation bounds the scan whichever timestamp it compares:
+            # an order's last update is never before its creation.
+            held = oldest.get(order.ticker, order.created_time)
+            oldest[order.ticker] = (
+                None
+                if held is None or order.created_time is None
+                else min(held, order.created_time)
+            )
             continue
         batch.append(raw)
         if len(batch) >= client.page_size:
@@ -275,7 +284,9 @@ def settle(
     if batch:
         counts += write_page(engine, batch, account=account, run_id=run_id, clock=clock)[0]
     for ticker, wanted in sorted(gone.items()):
-        for page in client.iter_historical_order_pages(ticker=ticker):
+        since = oldest[ticker]
+        min_ts = _seconds(since) if since is not None else None
+        for page in client.iter_historical_order_pages(ticker=ticker, min_ts=min_ts):
             found = [
                 item
                 for item in page.items

@@ -107,7 +107,11 @@ def test_old_resting_orders_that_fill_or_cancel_later_are_updated(db, private_ke
     assert stored_orders(db)[old[2].order_id]["status"] == "canceled"
 
 
-def test_an_order_canceled_then_moved_to_the_historical_tier_is_settled(db, client, exchange):
+@pytest.mark.parametrize("min_ts_on", ["created_time", "last_update_time"])
+def test_an_order_canceled_then_moved_to_the_historical_tier_is_settled(
+    db, client, exchange, min_ts_on
+):
+    exchange.min_ts_on = min_ts_on
     sync(db, client)
     victim = min((exchange.order(i) for i in exchange.resting_ids()), key=lambda o: o.created)
     exchange.now += timedelta(hours=1)
