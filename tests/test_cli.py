@@ -14,8 +14,8 @@ import pytest
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient
 from etl.simulator.keys import load_or_create
-from tests.fix_exchange import CLI
-from tests.sync.helpers import assert_table_equals_truth
+from tests.fix_exchange import CLI, spawn, wait_until
+from tests.sync.helpers import assert_table_equals_truth, count
 
 pytestmark = pytest.mark.slow
 
@@ -162,13 +162,7 @@ def test_json_logs_are_one_object_per_line(db, tmp_path, live_simulator):
 def test_simulate_starts_in_under_two_seconds_and_answers_a_signed_request(tmp_path):
     env = base_env(tmp_path)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [*CLI, "simulate", "--port", "0", "--orders", "500"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn(["simulate", "--port", "0", "--orders", "500"], env)
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline().strip() for _ in range(3)]
@@ -234,19 +228,8 @@ def test_an_interrupted_backfill_commits_stops_and_resumes(db, tmp_path, live_si
         "--concurrency",
         "2",
     ]
-    proc = subprocess.Popen(
-        [*CLI, *args],
-        env=live_simulator.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with db.connect() as conn:
-            if conn.exec_driver_sql("SELECT count(*) FROM orders").scalar_one() > 0:
-                break
-        time.sleep(0.05)
+    proc = spawn(args, live_simulator.env)
+    wait_until(lambda: count(db, "SELECT count(*) FROM orders") > 0)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr

@@ -4,16 +4,14 @@ finishes the page in flight, commits and exits 0."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
-import time
 from datetime import timedelta
 
 import pytest
 
 from etl.errors import ApiTransportError, LockBusyError
 from etl.scheduler import run_daemon
-from tests.fix_exchange import CLI
+from tests.fix_exchange import spawn, wait_until
 from tests.sync.helpers import assert_table_equals_truth, runs
 
 
@@ -46,18 +44,8 @@ def test_jobs_run_on_their_intervals_and_a_failing_job_does_not_stop_the_daemon(
 @pytest.mark.slow
 def test_sigterm_stops_the_daemon_cleanly_with_exit_0(db, live_simulator, exchange):
     live_simulator.app.faults.latency = 0.02
-    proc = subprocess.Popen(
-        [*CLI, "daemon", "--orders-every", "1s", "--queue-every", "1s"],
-        env=live_simulator.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if sum(r.status == "succeeded" for r in runs(db)) >= 3:
-            break
-        time.sleep(0.1)
+    proc = spawn(["daemon", "--orders-every", "1s", "--queue-every", "1s"], live_simulator.env)
+    wait_until(lambda: sum(r.status == "succeeded" for r in runs(db)) >= 3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr

@@ -14,6 +14,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -88,7 +89,8 @@ class SimulatorApp:
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.RLock()  # routes run under it and may roll the fault dice
         self._rng = random.Random(seed ^ 0x5EED)
-        self.requests: list[tuple[str, str]] = []  # (path, query string), for tests
+        # The latest requests as (path, query string), for tests; bounded for long runs.
+        self.requests: deque[tuple[str, str]] = deque(maxlen=100_000)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         status, body = self._handle(environ)

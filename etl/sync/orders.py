@@ -66,7 +66,6 @@ class Checkpoint:
     """What the page that completes a pull writes to ``sync_state`` with its rows."""
 
     watermark: datetime | None = None
-    state: dict[str, Any] | None = None
     stream: str = STREAM
     window: str | None = None
 
@@ -163,13 +162,7 @@ def write_page(
         if checkpoint is not None and checkpoint.window is not None:
             mark_window_done(conn, account, checkpoint.stream, checkpoint.window)
         elif checkpoint is not None:
-            write_state(
-                conn,
-                account,
-                checkpoint.stream,
-                watermark=checkpoint.watermark,
-                state=checkpoint.state,
-            )
+            write_state(conn, account, checkpoint.stream, watermark=checkpoint.watermark)
     return counts, good
 
 

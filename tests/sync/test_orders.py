@@ -4,11 +4,8 @@ and a rerun after a crash that converges without duplicates."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -19,7 +16,7 @@ from etl.errors import ApiProtocolError, ApiStatusError, StopRequested
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
 from etl.sync.orders import backfill_orders, sync_orders
-from tests.fix_exchange import CLI, NOW, make_client, rewriting
+from tests.fix_exchange import CLI, NOW, make_client, rewriting, spawn, wait_until
 from tests.sync.helpers import assert_table_equals_truth, count, runs, stored_orders
 
 ACCOUNT = "acct"
@@ -181,14 +178,10 @@ def test_a_stop_request_commits_the_page_in_flight_then_ends_the_run(db, client)
 def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
     live_simulator.app.faults.latency = 0.03
     env = {**live_simulator.env, "KALSHI_PAGE_SIZE": "10"}
-    proc = subprocess.Popen(
-        [*CLI, "sync", "--no-queue"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 30
-    while count(db, "SELECT count(*) FROM orders") < 40 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = spawn(["sync", "--no-queue"], env)
+    wait_until(lambda: count(db, "SELECT count(*) FROM orders") >= 40)
+    proc.kill()  # SIGKILL: no cleanup of any kind
+    proc.communicate()
     partial = count(db, "SELECT count(*) FROM orders")
     assert 0 < partial < len(exchange.truth())
     live_simulator.app.faults.latency = 0
@@ -205,16 +198,7 @@ def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
 def test_two_concurrent_syncs_never_interleave(db, live_simulator, exchange):
     live_simulator.app.faults.latency = 0.1  # each run takes ~2 s: longer than any start skew
     env = {**live_simulator.env, "KALSHI_PAGE_SIZE": "25"}
-    procs = [
-        subprocess.Popen(
-            [*CLI, "sync", "--no-queue"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    procs = [spawn(["sync", "--no-queue"], env) for _ in range(2)]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert any("waiting for another run" in err for _, err in outputs)  # they did collide
