@@ -128,30 +128,38 @@ def stream_lock(
     key = lock_key(account, stream)
     # A connection of its own outside the pool, so the lock lives exactly as long as the block.
     lock_engine = sa.create_engine(engine.url, poolclass=NullPool)
-    with lock_engine.connect() as conn:
-        deadline = time.monotonic() + wait
-        announced = False
-        while not conn.execute(
-            sa.text("SELECT pg_try_advisory_lock(:ns, :key)"), {"ns": _LOCK_NAMESPACE, "key": key}
-        ).scalar_one():
-            conn.commit()
-            if time.monotonic() >= deadline:
-                raise LockBusyError(
-                    f"another kalshi-etl run holds the {stream} lock for account {account} "
-                    f"(waited {wait:.0f}s); let it finish or stop it"
-                )
-            if not announced:
-                log.info("waiting for another run of %s/%s to finish", account, stream)
-                announced = True
-            time.sleep(poll)
+    try:
+        with lock_engine.connect() as conn:
+            _acquire(conn, key, account=account, stream=stream, wait=wait, poll=poll)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(sa.exc.DBAPIError):
+                    conn.execute(
+                        sa.text("SELECT pg_advisory_unlock(:ns, :key)"),
+                        {"ns": _LOCK_NAMESPACE, "key": key},
+                    )
+                    conn.commit()
+    finally:
+        lock_engine.dispose()
+
+
+def _acquire(
+    conn: sa.Connection, key: int, *, account: str, stream: str, wait: float, poll: float
+) -> None:
+    deadline = time.monotonic() + wait
+    announced = False
+    while not conn.execute(
+        sa.text("SELECT pg_try_advisory_lock(:ns, :key)"), {"ns": _LOCK_NAMESPACE, "key": key}
+    ).scalar_one():
         conn.commit()
-        try:
-            yield
-        finally:
-            with contextlib.suppress(sa.exc.DBAPIError):
-                conn.execute(
-                    sa.text("SELECT pg_advisory_unlock(:ns, :key)"),
-                    {"ns": _LOCK_NAMESPACE, "key": key},
-                )
-                conn.commit()
-    lock_engine.dispose()
+        if time.monotonic() >= deadline:
+            raise LockBusyError(
+                f"another kalshi-etl run holds the {stream} lock for account {account} "
+                f"(waited {wait:.0f}s); let it finish or stop it"
+            )
+        if not announced:
+            log.info("waiting for another run of %s/%s to finish", account, stream)
+            announced = True
+        time.sleep(poll)
+    conn.commit()
