@@ -236,11 +236,7 @@ def parse_order(raw: Any) -> Order | Rejected:
     if not isinstance(raw, dict):
         return Rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
     if _has_nul(raw):
-        # PostgreSQL stores no NUL in text or jsonb: keep the payload as escaped JSON text.
-        return Rejected(
-            "contains a NUL character (\\u0000), which PostgreSQL cannot store",
-            json.dumps(raw),
-        )
+        return _unstorable(raw)
     try:
         return _order(raw)
     except RecordError as exc:
@@ -336,6 +332,13 @@ def _order(data: dict[str, Any]) -> Order:
     )
 
 
+def _unstorable(raw: Any) -> Rejected:
+    """PostgreSQL stores no NUL in text or jsonb: keep such a payload as escaped JSON text."""
+    return Rejected(
+        "contains a NUL character (\\u0000), which PostgreSQL cannot store", json.dumps(raw)
+    )
+
+
 def _has_nul(value: Any) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -352,7 +355,7 @@ def parse_queue_position(raw: Any) -> QueuePosition | Rejected:
     if not isinstance(raw, dict):
         return Rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
     if _has_nul(raw):
-        return Rejected("contains a NUL character, which PostgreSQL cannot store", json.dumps(raw))
+        return _unstorable(raw)
     try:
         order_id = _text(raw, "order_id", required=True)
         ticker = _text(raw, "market_ticker", required=True)
