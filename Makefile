@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The official Kalshi SDK, a test oracle for the API's shapes (see ../shared/KALSHI.md's pip trap).
+SDK := kalshi-python-sync==3.34.0
 
 .PHONY: demo test bench lint fmt clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --ignore-requires-python $(SDK)
 	touch $(STAMP)
 
 demo: $(STAMP)

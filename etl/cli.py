@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -28,27 +31,39 @@ from sqlalchemy.engine import Engine
 from etl import __version__
 from etl.config import Settings, environment, from_env, parse_duration, parse_time
 from etl.db import migrations
-from etl.db.engine import create_engine, embedded_url, mask
+from etl.db.engine import (
+    connection,
+    create_engine,
+    embedded_url,
+    libpq_url,
+    mask,
+    psql_executable,
+)
 from etl.db.models import orders, queue_position_snapshots, rejected_records, sync_runs, sync_state
-from etl.errors import ApiStatusError, ConfigError, EtlError, StopRequested
+from etl.db.state import stream_health
+from etl.errors import ApiStatusError, ApiTransportError, ConfigError, EtlError, StopRequested
 from etl.kalshi.auth import KalshiAuth, load_private_key, read_private_key_file
 from etl.kalshi.client import KalshiClient
+from etl.sync.orders import BackfillProgress
 
 log = logging.getLogger("etl")
+
+EXIT_UNHEALTHY = 1  # `status`: a stream's last run failed, or it is older than --max-age
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) or SIGTERM ended a `sync` or `backfill`
 
 # -- logging ------------------------------------------------------------------------------------
 
 _PEM = re.compile(r"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----", re.S)
 
 
-class _Redact(logging.Filter):
+def _redact(message: str) -> str:
     """Last line of defence: no key material reaches a log line."""
+    return _PEM.sub("[redacted key]", message) if "-----BEGIN" in message else message
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "-----BEGIN" in message:
-            record.msg, record.args = _PEM.sub("[redacted key]", message), None
-        return True
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return _redact(super().format(record))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -57,21 +72,20 @@ class _JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _redact(record.getMessage()),
         }
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = _redact(self.formatException(record.exc_info))
         return json.dumps(entry)
 
 
 def setup_logging(fmt: str, *, debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_Redact())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+            _TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -92,6 +106,21 @@ def open_engine(settings: Settings, *, migrate: bool = False) -> Engine:
     return engine
 
 
+def database_lines(settings: Settings, engine: Engine) -> list[str]:
+    """Which database this is and how to open it, for `status` and the demo."""
+    if settings.database_url:
+        return [f"database    {mask(engine.url)} (open it: kalshi-etl psql)"]
+    home = settings.home.resolve()
+    hint = (
+        "" if home == Path("~/.kalshi-etl").expanduser().resolve() else (f"KALSHI_ETL_HOME={home} ")
+    )
+    return [
+        f"database    embedded PostgreSQL in {home / 'pgdata'}",
+        f"            open it with: {hint}kalshi-etl psql   (or any client: "
+        f"{libpq_url(engine.url)})",
+    ]
+
+
 def account_of(settings: Settings) -> str:
     if not settings.api_key_id:
         raise ConfigError(
@@ -101,8 +130,8 @@ def account_of(settings: Settings) -> str:
     return settings.api_key_id
 
 
-def open_client(settings: Settings) -> KalshiClient:
-    """A signed client for the configured account."""
+def open_client(settings: Settings, *, cancel: threading.Event | None = None) -> KalshiClient:
+    """A signed client for the configured account; ``cancel`` cuts its waits short."""
     key_id = account_of(settings)
     if settings.private_key_path is not None:
         key = read_private_key_file(settings.private_key_path)
@@ -118,6 +147,7 @@ def open_client(settings: Settings) -> KalshiClient:
         auth=KalshiAuth(key_id, key),
         tokens_per_second=settings.read_tokens_per_second,
         page_size=settings.page_size,
+        cancel=cancel,
     )
 
 
@@ -161,7 +191,7 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
             ("queue positions", lambda: poll_queue_positions(engine, client, account=account))
         )
     with client:
-        for name, step in steps:
+        for index, (name, step) in enumerate(steps):
             try:
                 step()
             except ApiStatusError as exc:
@@ -172,6 +202,13 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
                 failed += 1
             except (ConfigError, StopRequested):
                 raise
+            except ApiTransportError as exc:
+                log.error("%s sync failed: %s", name, exc)
+                failed += 1 + len(steps[index + 1 :])
+                skipped = ", ".join(later for later, _ in steps[index + 1 :])
+                if skipped:
+                    log.error("%s not tried: the API cannot be reached", skipped)
+                break
             except EtlError as exc:
                 log.error("%s sync failed: %s", name, exc)
                 failed += 1
@@ -180,46 +217,78 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
-class _Bar:
-    """A one-line progress bar on a terminal, quiet elsewhere."""
+class BackfillDisplay:
+    """A backfill's progress: a tqdm bar on a terminal, updated per page with orders/s and
+    the ETA (log lines print above it); plain log lines every ``every`` seconds elsewhere."""
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
+    def __init__(self, *, tty: bool, every: float = 10.0) -> None:
         self.started = time.monotonic()
+        self.every = every
+        self._lock = threading.Lock()
+        self._last_line = self.started
+        self._first: int | None = None
+        self._bar: Any = None
+        if tty:
+            from tqdm import tqdm
 
-    def __call__(self, done: int, total: int, counts: Any) -> None:
-        if not self.tty:
-            return
-        width = 30
-        filled = int(width * done / total) if total else width
-        rate = counts.fetched / max(time.monotonic() - self.started, 1e-9)
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} windows, "
-            f"{counts.fetched} orders ({rate:.0f}/s) "
-        )
-        sys.stderr.flush()
-        if done == total:
-            sys.stderr.write("\n")
+            self._bar = tqdm(unit="window", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def __call__(self, progress: BackfillProgress) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if self._first is None:
+                self._first = progress.windows_done
+            rate = progress.orders / max(now - self.started, 1e-9)
+            if self._bar is not None:
+                self._bar.total = progress.windows_total
+                self._bar.initial = self._first
+                self._bar.update(progress.windows_done - self._bar.n)
+                self._bar.set_postfix_str(f"{progress.orders:,} orders, {rate:,.0f}/s")
+            elif now - self._last_line >= self.every or (
+                progress.windows_done == progress.windows_total
+            ):
+                self._last_line = now
+                log.info(
+                    "backfill: %d/%d windows, %d orders (%.0f/s), ETA %s",
+                    progress.windows_done,
+                    progress.windows_total,
+                    progress.orders,
+                    rate,
+                    self._eta(progress, now),
+                )
+
+    def _eta(self, progress: BackfillProgress, now: float) -> str:
+        done = progress.windows_done - (self._first or 0)
+        left = progress.windows_total - progress.windows_done
+        if left == 0:
+            return "0s"
+        if done <= 0:
+            return "unknown"
+        return f"{(now - self.started) / done * left:.0f}s"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from etl.sync.orders import backfill_orders
 
     since = parse_time(args.since, name="--since")
     until = parse_time(args.until, name="--until") if args.until else datetime.now(UTC)
-    window = parse_duration(args.window, name="--window")
     if since >= until:
         raise ConfigError(
             f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})"
         )
-    if args.concurrency < 1:
-        raise ConfigError("--concurrency: expected an integer >= 1")
     client = open_client(settings)
     engine = open_engine(settings, migrate=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with client:
+    display = BackfillDisplay(tty=sys.stderr.isatty())
+    with client, logging_redirect_tqdm():
         try:
             result = backfill_orders(
                 engine,
@@ -227,20 +296,23 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
                 account=account_of(settings),
                 since=since,
                 until=until,
-                window=window,
+                window=args.window,
                 concurrency=args.concurrency,
-                on_progress=_Bar(),
+                on_progress=display,
                 stop=stop,
             )
         except ApiStatusError as exc:
             raise _explain_auth(exc, settings) from exc
         except StopRequested:
+            display.close()
             print(
                 "kalshi-etl: backfill stopped; the windows done are kept: run the same command "
                 "again to resume",
                 file=sys.stderr,
             )
-            return 130
+            return EXIT_INTERRUPTED
+        finally:
+            display.close()
     c = result.counts
     print(
         f"backfill {since.isoformat()} .. {until.isoformat()}: fetched {c.fetched}, inserted "
@@ -254,12 +326,16 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
 
-    orders_every = parse_duration(args.orders_every, name="--orders-every")
-    queue_every = parse_duration(args.queue_every, name="--queue-every")
-    client = open_client(settings)
+    stop = threading.Event()
+    client = open_client(settings, cancel=stop)
     account = account_of(settings)
     engine = open_engine(settings, migrate=True)
     log.info("daemon for account %s on %s; Ctrl-C or SIGTERM stops it", account, settings.api_base)
+
+    def exit_now() -> None:
+        logging.shutdown()
+        os._exit(0)
+
     with client:
         return run_daemon(
             {
@@ -272,23 +348,40 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
                         lock_wait=0,
                         stop=stop,
                     ),
-                    orders_every,
+                    args.orders_every,
                 ),
                 "queue_positions": (
-                    lambda stop: poll_queue_positions(engine, client, account=account, lock_wait=0),
-                    queue_every,
+                    lambda stop: poll_queue_positions(
+                        engine, client, account=account, lock_wait=0, stop=stop
+                    ),
+                    args.queue_every,
                 ),
-            }
+            },
+            stop=stop,
+            on_stuck=exit_now,
         )
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     engine = open_engine(settings)
+    for line in database_lines(settings, engine):
+        print(line)
     if migrations.current_revision(engine) is None:
-        print(f"{mask(engine.url)} has no kalshi-etl schema yet: run kalshi-etl migrate")
-        return 0
+        print("no kalshi-etl schema yet: run kalshi-etl migrate")
+        return EXIT_UNHEALTHY if args.max_age is not None else 0
     for line in status_lines(engine):
         print(line)
+    with connection(engine) as conn:
+        health = stream_health(conn, now=datetime.now(UTC), max_age=args.max_age)
+    problems = [h for h in health if h.problem is not None]
+    if args.max_age is not None and not health:
+        print("health      UNHEALTHY: no sync has run yet")
+        return EXIT_UNHEALTHY
+    for item in problems:
+        print(f"health      UNHEALTHY: {item.stream} (account {item.account}) {item.problem}")
+    if problems:
+        return EXIT_UNHEALTHY
+    print("health      ok")
     return 0
 
 
@@ -394,20 +487,40 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from etl import demo
 
     simulator = None
-    if not settings.has_credentials:
+    # The demo never uses credentials it was not given for this run: a ./.env (the user's
+    # account, or a `kalshi-etl simulate` long gone) is not asking. Exported variables are.
+    exported = bool(os.environ.get("KALSHI_API_KEY_ID")) and bool(
+        os.environ.get("KALSHI_PRIVATE_KEY_PATH") or os.environ.get("KALSHI_PRIVATE_KEY")
+    )
+    if args.simulator or not exported:
+        if settings.has_credentials and not args.simulator:
+            print(
+                "demo: ignoring the Kalshi credentials in ./.env; export them (or pass them "
+                "on the command line) to run the demo on that account",
+                flush=True,
+            )
         simulator = demo.start_simulator(settings.home)
         settings = replace(
             settings,
             api_base=simulator.api_base,
             api_key_id=simulator.key_id,
             private_key_path=simulator.key_path,
+            private_key_pem=None,
             read_tokens_per_second=0,
         )
-        log.info("no Kalshi credentials set: using the built-in simulator at %s", settings.api_base)
+        print(f"demo: API       the built-in simulator at {settings.api_base}", flush=True)
+    else:
+        print(
+            f"demo: API       {settings.api_base}, key {settings.api_key_id} (from the "
+            "environment)",
+            flush=True,
+        )
     try:
         engine = open_engine(settings, migrate=True)
+        for line in database_lines(settings, engine):
+            print("demo: " + line, flush=True)
         if simulator is not None:
-            demo.reset_simulated_data(engine, simulator.key_id)
+            demo.reset_simulated_data(engine)
         with open_client(settings) as client:
             for line in demo.run(
                 engine,
@@ -418,13 +531,30 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                 lookback=settings.lookback,
             ):
                 print(line, flush=True)
+        print()
+        for line in status_lines(engine):
+            print(line)
+        print()
+        for line in database_lines(settings, engine):
+            print(line)
+    except ApiStatusError as exc:
+        raise _explain_auth(exc, settings) from exc
     finally:
         if simulator is not None:
             simulator.stop()
-    print()
-    for line in status_lines(engine):
-        print(line)
     return 0
+
+
+def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
+    """Open psql on the database (starting the embedded one for as long as psql runs)."""
+    engine = open_engine(settings)
+    command = [psql_executable(), libpq_url(engine.url), *args.psql_args]
+    engine.dispose()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to psql
+    try:
+        return subprocess.call(command)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -433,6 +563,32 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type[int] | type[float], low: float, high: float | None = None) -> Any:
+    """An argparse type: an int or float within [low, high]."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected a value {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _duration(text: str) -> Any:
+    """An argparse type: a duration above zero."""
+    try:
+        return parse_duration(text, name="duration", positive=True)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("duration: ")) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,22 +641,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("backfill", cmd_backfill, "one-off resumable load of every order in [since, until)")
     p.add_argument("--since", required=True, help="ISO-8601 time or Unix seconds")
     p.add_argument("--until", help="ISO-8601 time or Unix seconds (default: now)")
-    p.add_argument("--window", default="1d", help="window length, e.g. 6h, 1d (default 1d)")
-    p.add_argument("--concurrency", type=int, default=4, help="windows fetched at once (default 4)")
-
-    p = add("daemon", cmd_daemon, "sync on a schedule until SIGINT/SIGTERM")
-    p.add_argument("--orders-every", default="30s", help="orders sync interval (default 30s)")
     p.add_argument(
-        "--queue-every", default="10s", help="queue-position poll interval (default 10s)"
+        "--window", type=_duration, default="1d", help="window length, e.g. 6h, 1d (default 1d)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_number(int, 1, 64),
+        default=4,
+        help="windows fetched at once (default 4)",
     )
 
-    add("status", cmd_status, "watermarks, last runs and row counts")
+    p = add("daemon", cmd_daemon, "sync on a schedule until SIGINT/SIGTERM")
+    p.add_argument(
+        "--orders-every", type=_duration, default="30s", help="orders sync interval (default 30s)"
+    )
+    p.add_argument(
+        "--queue-every",
+        type=_duration,
+        default="10s",
+        help="queue-position poll interval (default 10s)",
+    )
+
+    p = add("status", cmd_status, "watermarks, last runs, row counts and health")
+    p.add_argument(
+        "--max-age",
+        type=_duration,
+        default=None,
+        help="exit 1 also when a stream has not succeeded for this long, e.g. 5m",
+    )
+
+    p = add("psql", cmd_psql, "open psql on the database (the embedded one included)")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="passed on to psql, e.g. -c 'SQL'")
 
     p = add("simulate", cmd_simulate, "run the exchange simulator on loopback")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8765)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--orders", type=int, default=1000, help="orders in the account at start")
+    p.add_argument(
+        "--orders",
+        type=_number(int, 0, 10_000_000),
+        default=1000,
+        help="orders in the account at start",
+    )
     p.add_argument("--api", choices=("2025", "2026"), default="2026")
     p.add_argument(
         "--min-ts-on",
@@ -508,21 +690,37 @@ def build_parser() -> argparse.ArgumentParser:
         default="created_time",
         help="the timestamp min_ts/max_ts compare",
     )
-    p.add_argument("--events-per-second", type=float, default=2.0, help="trading intensity")
     p.add_argument(
-        "--rate-limit", type=float, default=200.0, help="read tokens per second per key (0 = none)"
+        "--events-per-second", type=_number(float, 0), default=2.0, help="trading intensity"
     )
-    p.add_argument("--error-rate", type=float, default=0.0, help="fraction of 503 answers")
-    p.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
+    p.add_argument(
+        "--rate-limit",
+        type=_number(float, 0),
+        default=200.0,
+        help="read tokens per second per key (0 = none)",
+    )
+    p.add_argument(
+        "--error-rate", type=_number(float, 0, 1), default=0.0, help="fraction of 503 answers"
+    )
+    p.add_argument(
+        "--latency", type=_number(float, 0, 60), default=0.0, help="seconds added to each answer"
+    )
     p.add_argument(
         "--malformed-rate",
-        type=float,
+        type=_number(float, 0, 1),
         default=0.0,
         help="fraction of order pages with one malformed record",
     )
 
     p = add("demo", cmd_demo, "the newcomer demo (what `make demo` runs)")
-    p.add_argument("--cycles", type=int, default=3, help="incremental cycles to run")
+    p.add_argument(
+        "--cycles", type=_number(int, 1, 100), default=3, help="incremental cycles to run"
+    )
+    p.add_argument(
+        "--simulator",
+        action="store_true",
+        help="use the built-in simulator even when Kalshi credentials are exported",
+    )
     return parser
 
 
@@ -531,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        settings = from_env(environment(), demo=getattr(args, "demo", False))
+        settings = from_env(environment(), demo=getattr(args, "demo", False), cwd=Path.cwd())
         setup_logging(settings.log_format, debug=debug)
         code: int = args.func(args, settings)
         return code
@@ -545,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("kalshi-etl: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug or an untranslated failure: still one line
         if debug:
             traceback.print_exc()

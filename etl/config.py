@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from etl.errors import ConfigError
 
@@ -49,16 +50,24 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str, *, name: str = "duration") -> timedelta:
+def parse_duration(text: str, *, name: str = "duration", positive: bool = False) -> timedelta:
     """Parse ``30s``, ``5m``, ``2h``, ``1d`` (or ``250ms``) into a timedelta.
 
     Raises:
-        ConfigError: naming ``name`` when the text is not such a duration.
+        ConfigError: naming ``name`` when the text is not such a duration (or is zero when
+            ``positive``).
     """
     match = _DURATION.match(text)
     if not match:
         raise ConfigError(f"{name}: expected a duration like 30s, 5m, 2h or 1d, got {text!r}")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    value = timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    if positive and value <= timedelta(0):
+        raise ConfigError(f"{name}: expected a duration above zero, like 30s, got {text!r}")
+    return value
+
+
+# Unix seconds past this (the year 5138) are surely milliseconds.
+_MAX_SECONDS = 1e11
 
 
 def parse_time(text: str, *, name: str = "time") -> datetime:
@@ -69,7 +78,13 @@ def parse_time(text: str, *, name: str = "time") -> datetime:
     """
     stripped = text.strip()
     if re.fullmatch(r"\d+(\.\d+)?", stripped):
-        return datetime.fromtimestamp(float(stripped), tz=UTC)
+        seconds = float(stripped)
+        if seconds >= _MAX_SECONDS:
+            raise ConfigError(
+                f"{name}: {text!r} looks like milliseconds; give Unix seconds "
+                f"({int(seconds // 1000)}) or an ISO-8601 time"
+            )
+        return datetime.fromtimestamp(seconds, tz=UTC)
     try:
         value = datetime.fromisoformat(stripped)
     except ValueError:
@@ -81,10 +96,19 @@ def parse_time(text: str, *, name: str = "time") -> datetime:
 
 
 def normalise_database_url(url: str, *, name: str = "DATABASE_URL") -> str:
-    """Map ``postgresql://``/``postgres://`` to the psycopg 3 driver; refuse other databases."""
+    """Map ``postgresql://``/``postgres://`` to the psycopg 3 driver; refuse other databases
+    and URLs that cannot be parsed (a port that is not a number, say)."""
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
+            normalised = "postgresql+psycopg://" + url[len(prefix) :]
+            netloc = urlsplit(normalised).netloc.rsplit("@", 1)[-1]
+            port = netloc.rsplit(":", 1)[1] if ":" in netloc and not netloc.endswith("]") else ""
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(
+                    f"{name}: the port {port!r} is not a port number; expected "
+                    "postgresql://user:pass@host:5432/db"
+                )
+            return normalised
     scheme = url.split(":", 1)[0] if ":" in url else url[:20]
     raise ConfigError(
         f"{name}: expected a PostgreSQL URL like postgresql://user:pass@host:5432/db, "
@@ -163,12 +187,24 @@ def _page_size(env: Mapping[str, str]) -> int:
     return int(raw)
 
 
-def from_env(env: Mapping[str, str], *, demo: bool = False) -> Settings:
+HOME_DIR = ".kalshi-etl"
+
+
+def default_home(cwd: Path | None) -> Path:
+    """``./.kalshi-etl`` when the working directory holds one with an embedded database (what
+    ``make demo`` leaves), so that the CLI and the demo agree; else ``~/.kalshi-etl``."""
+    if cwd is not None and (cwd / HOME_DIR / "pgdata").is_dir():
+        return cwd / HOME_DIR
+    return Path("~", HOME_DIR).expanduser()
+
+
+def from_env(env: Mapping[str, str], *, demo: bool = False, cwd: Path | None = None) -> Settings:
     """Build :class:`Settings` from environment variables (see CONTRACT.md for the list).
 
     Args:
         env: the variables, usually :func:`environment`.
         demo: target Kalshi's demo environment (``--demo``) instead of ``KALSHI_API_BASE``.
+        cwd: where to look for a ``.kalshi-etl`` home when ``KALSHI_ETL_HOME`` is unset.
 
     Raises:
         ConfigError: naming the first variable whose value is wrong.
@@ -183,9 +219,12 @@ def from_env(env: Mapping[str, str], *, demo: bool = False) -> Settings:
         database_url = normalise_database_url(database_url)
 
     api_base = DEMO_API_BASE if demo else (get("KALSHI_API_BASE") or PRODUCTION_API_BASE)
-    if not re.match(r"^https?://[^/\s]+", api_base):
+    if not re.match(r"^https?://[^/\s]+", api_base) or not urlsplit(api_base).path.rstrip(
+        "/"
+    ).endswith("/trade-api/v2"):
         raise ConfigError(
-            f"KALSHI_API_BASE: expected an http(s) URL ending in /trade-api/v2, got {api_base!r}"
+            f"KALSHI_API_BASE: expected an http(s) URL ending in /trade-api/v2 (like "
+            f"{PRODUCTION_API_BASE}), got {api_base!r}"
         )
 
     log_format = (get("KALSHI_ETL_LOG_FORMAT") or "text").lower()
@@ -199,7 +238,7 @@ def from_env(env: Mapping[str, str], *, demo: bool = False) -> Settings:
 
     return Settings(
         database_url=database_url,
-        home=Path(get("KALSHI_ETL_HOME") or "~/.kalshi-etl").expanduser(),
+        home=Path(home).expanduser() if (home := get("KALSHI_ETL_HOME")) else default_home(cwd),
         api_base=api_base.rstrip("/"),
         api_key_id=get("KALSHI_API_KEY_ID"),
         private_key_path=Path(key_path).expanduser() if key_path else None,

@@ -21,7 +21,7 @@ from etl.db.models import metadata
 from etl.errors import ConfigError
 from etl.kalshi.client import KalshiClient
 from etl.simulator import Exchange, SimulatorApp, serve
-from etl.simulator.keys import key_id, load_or_create
+from etl.simulator.keys import SIMULATED_PREFIX, key_id, load_or_create
 from etl.sync.orders import backfill_orders, sync_orders
 from etl.sync.queue import poll_queue_positions
 
@@ -44,12 +44,13 @@ WHERE order_id = '<order id>' ORDER BY captured_at;
 SELECT received_at, stream, error FROM rejected_records ORDER BY id DESC LIMIT 20;"""
 
 
-def reset_simulated_data(engine: Engine, account: str) -> None:
-    """Empty the tables for a fresh simulated run, but only when they hold nothing but the
-    simulator's own account: a database with a real account's data is never touched.
+def reset_simulated_data(engine: Engine) -> None:
+    """Empty the tables for a fresh simulated run, but only when they hold nothing but
+    simulated accounts (this demo's, or a `kalshi-etl simulate` left over from an earlier
+    try): a database with a real account's data is never touched.
 
     Raises:
-        ConfigError: when the database holds another account's data.
+        ConfigError: when the database holds a real account's data.
     """
     with engine.begin() as conn:
         accounts = {
@@ -59,10 +60,12 @@ def reset_simulated_data(engine: Engine, account: str) -> None:
             )
         }
         has_orders = conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM orders)")).scalar_one()
-        if accounts - {account} or (has_orders and not accounts):
+        real = sorted(a for a in accounts if not a.startswith(SIMULATED_PREFIX))
+        if real or (has_orders and not accounts):
+            who = ", ".join(real) or "orders without sync state"
             raise ConfigError(
-                "the database holds data of another Kalshi account; the simulated demo will "
-                "not mix into it: unset DATABASE_URL or point it at an empty database"
+                f"the database holds data of a real Kalshi account ({who}); the simulated demo "
+                "will not mix into it: unset DATABASE_URL or point it at an empty database"
             )
         names = ", ".join(table.name for table in metadata.sorted_tables)
         conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY"))

@@ -11,6 +11,7 @@ they are :class:`etl.kalshi.parse.Rejected` values.
     ├── ConfigError               exit 2  bad variable, flag, key file, missing credentials
     ├── DatabaseError             exit 2  unreachable or misconfigured database
     ├── LockBusyError             exit 1  another process syncs the same account and stream
+    ├── LockLostError             exit 1  the lock's database session ended mid-run
     ├── StopRequested             exit 0  SIGINT/SIGTERM: the page in flight was committed
     └── ApiError                  exit 1
         ├── ApiStatusError                the API answered 4xx/5xx (after retries for 429/5xx)
@@ -41,6 +42,11 @@ class DatabaseError(EtlError):
 
 class LockBusyError(EtlError):
     """Another process holds the sync lock of this account and stream."""
+
+
+class LockLostError(EtlError):
+    """The advisory lock of a running sync vanished (its session ended); the run stops before
+    writing more, so that two writers never overlap."""
 
 
 class StopRequested(EtlError):

@@ -2,9 +2,11 @@
 
 Each job runs at most one instance at a time (a late run is coalesced, never stacked). On
 SIGINT/SIGTERM the stop event is set: a running job finishes the page in flight, commits it
-and ends; the scheduler shuts down and :func:`run_daemon` returns 0. A failing job is logged
-and tried again at its next interval; a busy lock (another process syncing the same account)
-skips the turn.
+and ends; the scheduler shuts down and :func:`run_daemon` returns 0. A job still running after
+``grace`` seconds (a request stuck in the network) is left behind: ``on_stuck`` is called, so
+that the process can exit at once; its run is closed as interrupted by the next one. A failing
+job is logged on one line (the traceback only at DEBUG level) and tried again at its next
+interval; a busy lock (another process syncing the same account) skips the turn.
 """
 
 from __future__ import annotations
@@ -26,20 +28,49 @@ log = logging.getLogger(__name__)
 Job = Callable[[threading.Event], object]
 
 
-def _guarded(name: str, job: Job, stop: threading.Event) -> Callable[[], None]:
+class _Running:
+    """How many jobs are running; lets the stop wait for them, up to a grace period."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._idle:
+            self._count -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
+def _guarded(name: str, job: Job, stop: threading.Event, running: _Running) -> Callable[[], None]:
     def run() -> None:
         if stop.is_set():
             return
-        try:
-            job(stop)
-        except LockBusyError as exc:
-            log.info("%s skipped: %s", name, exc)
-        except StopRequested:
-            log.info("%s stopped after committing its page in flight", name)
-        except EtlError as exc:
-            log.error("%s failed: %s", name, exc)
-        except Exception:
-            log.exception("%s failed unexpectedly", name)
+        with running:
+            try:
+                job(stop)
+            except LockBusyError as exc:
+                log.info("%s skipped: %s", name, exc)
+            except StopRequested:
+                log.info("%s stopped after committing its page in flight", name)
+            except EtlError as exc:
+                log.error("%s failed: %s", name, exc)
+            except Exception as exc:
+                log.error(
+                    "%s failed unexpectedly: %s: %s (a bug: please report it; --debug shows "
+                    "the traceback)",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
 
     return run
 
@@ -49,13 +80,16 @@ def run_daemon(
     *,
     stop: threading.Event | None = None,
     install_signals: bool = True,
+    grace: float = 8.0,
+    on_stuck: Callable[[], None] | None = None,
 ) -> int:
     """Run ``jobs`` (name → (job, interval)) until ``stop`` is set or a signal arrives.
 
     Returns:
-        0 once every running job has ended cleanly.
+        0 once every running job has ended (or, after ``grace`` seconds, been left behind).
     """
     stop = stop or threading.Event()
+    running = _Running()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info(
@@ -76,7 +110,7 @@ def run_daemon(
     now = datetime.now(UTC)
     for name, (job, every) in jobs.items():
         scheduler.add_job(
-            _guarded(name, job, stop),
+            _guarded(name, job, stop, running),
             "interval",
             seconds=every.total_seconds(),
             next_run_time=now,
@@ -89,8 +123,18 @@ def run_daemon(
         while not stop.wait(0.5):
             pass
     finally:
-        scheduler.shutdown(wait=True)
+        stop.set()
+        scheduler.shutdown(wait=False)
+        finished = running.wait_idle(grace)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not finished:
+        log.warning(
+            "a job did not finish within %.0fs of the stop; exiting anyway (the pages it "
+            "committed stay, its run is closed as interrupted by the next one)",
+            grace,
+        )
+        if on_stuck is not None:
+            on_stuck()
     log.info("daemon stopped")
     return 0

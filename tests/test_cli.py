@@ -206,7 +206,7 @@ def test_the_demo_never_mixes_into_a_real_accounts_data(db, tmp_path, database_u
     result = run(["demo"], {**base_env(tmp_path), "DATABASE_URL": database_url}, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("kalshi-etl: error")]
-    assert len(errors) == 1 and "holds data of another Kalshi account" in errors[0]
+    assert len(errors) == 1 and "holds data of a real Kalshi account" in errors[0]
     with db.connect() as conn:  # untouched
         assert (
             conn.exec_driver_sql("SELECT account FROM sync_state").scalar_one() == "a-real-account"

@@ -7,7 +7,7 @@ it covers. A watermark never moves backwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 
 from etl.db.models import orders, sync_runs, sync_state
 from etl.db.upsert import Counts
+from etl.kalshi.parse import storable_text
 
 Mode = Literal["incremental", "backfill", "reconcile"]
 RunStatus = Literal["running", "succeeded", "failed"]
@@ -66,6 +67,9 @@ def write_state(
     conn.execute(stmt)
 
 
+INTERRUPTED = "interrupted: the process ended before it could record the outcome"
+
+
 def start_run(conn: Connection, account: str, stream: str, mode: Mode) -> int:
     """Open a ``running`` run; runs of the same stream left ``running`` by a killed process
     are closed as failed first (the caller holds the stream lock, so none is alive)."""
@@ -76,7 +80,7 @@ def start_run(conn: Connection, account: str, stream: str, mode: Mode) -> int:
             sync_runs.c.stream == stream,
             sync_runs.c.status == "running",
         )
-        .values(status="failed", finished_at=sa.func.now(), error="interrupted")
+        .values(status="failed", finished_at=sa.func.now(), error=INTERRUPTED)
     )
     run_id: int = conn.execute(
         sa.insert(sync_runs)
@@ -102,12 +106,26 @@ def add_to_run(conn: Connection, run_id: int, counts: Counts) -> None:
 
 
 def finish_run(
-    conn: Connection, run_id: int, status: RunStatus, *, error: str | None = None
+    conn: Connection,
+    run_id: int,
+    status: RunStatus,
+    *,
+    error: str | None = None,
+    finished_at: datetime | None = None,
 ) -> None:
+    """Close a run. A run already closed as interrupted by another process (its outcome could
+    not be recorded in time, the database being away) gets its true outcome."""
     conn.execute(
         sa.update(sync_runs)
-        .where(sync_runs.c.id == run_id)
-        .values(status=status, finished_at=sa.func.now(), error=error)
+        .where(
+            sync_runs.c.id == run_id,
+            sa.or_(sync_runs.c.status == "running", sync_runs.c.error == INTERRUPTED),
+        )
+        .values(
+            status=status,
+            finished_at=finished_at if finished_at is not None else sa.func.now(),
+            error=None if error is None else storable_text(error, limit=4000),
+        )
     )
 
 
@@ -134,28 +152,125 @@ def open_orders(conn: Connection) -> list[OpenOrder]:
     ]
 
 
-def windows_done(conn: Connection, account: str, stream: str) -> set[str]:
-    """The window keys a resumable job has completed."""
-    stored = read_state(conn, account, stream)
-    return set(stored.state.get("done", [])) if stored else set()
+BACKFILL_STREAM = "orders:backfill"
 
 
-def mark_window_done(conn: Connection, account: str, stream: str, window: str) -> None:
-    """Record one completed window, atomically with the window's last page."""
-    stmt = pg_insert(sync_state).values(
-        account=account, stream=stream, watermark=None, state={"done": [window]}
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[sync_state.c.account, sync_state.c.stream],
-        set_={
-            "state": sa.func.jsonb_set(
-                sync_state.c.state,
-                sa.literal_column("'{done}'"),
-                sa.func.coalesce(sync_state.c.state["done"], sa.text("'[]'::jsonb")).op("||")(
-                    sa.func.to_jsonb(sa.cast(window, sa.Text))
-                ),
+def backfill_coverage(conn: Connection, account: str) -> list[tuple[int, int]]:
+    """The time ranges (Unix seconds, half-open) a backfill of ``account`` has completed,
+    merged. Windows are keyed by their own bounds, so any later backfill, whatever its
+    ``--until``, reuses them. Reads the per-command rows of earlier releases too."""
+    rows = conn.execute(
+        sa.select(sync_state.c.state).where(
+            sync_state.c.account == account,
+            sa.or_(
+                sync_state.c.stream == BACKFILL_STREAM,
+                sync_state.c.stream.like(BACKFILL_STREAM + ":%"),
             ),
-            "updated_at": sa.func.now(),
-        },
+        )
     )
-    conn.execute(stmt)
+    spans: list[tuple[int, int]] = []
+    for (state,) in rows:
+        for item in (state or {}).get("done", []):
+            if isinstance(item, list) and len(item) == 2:
+                spans.append((int(item[0]), int(item[1])))
+            elif isinstance(item, str) and "-" in item:  # "start-end" of earlier releases
+                start, _, end = item.partition("-")
+                spans.append((int(start), int(end)))
+    return merge_spans(spans)
+
+
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with overlapping or touching ranges joined."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def mark_window_done(conn: Connection, account: str, start: int, end: int) -> None:
+    """Record [start, end) as loaded, atomically with the window's last page. Concurrent
+    windows serialise on the state row for the moment of their commit."""
+    conn.execute(
+        pg_insert(sync_state)
+        .values(account=account, stream=BACKFILL_STREAM, watermark=None, state={"done": []})
+        .on_conflict_do_nothing()
+    )
+    state = conn.execute(
+        sa.select(sync_state.c.state)
+        .where(sync_state.c.account == account, sync_state.c.stream == BACKFILL_STREAM)
+        .with_for_update()
+    ).scalar_one()
+    spans = [(int(a), int(b)) for a, b in (state or {}).get("done", [])]
+    merged = merge_spans([*spans, (start, end)])
+    conn.execute(
+        sa.update(sync_state)
+        .where(sync_state.c.account == account, sync_state.c.stream == BACKFILL_STREAM)
+        .values(state={"done": [list(span) for span in merged]}, updated_at=sa.func.now())
+    )
+
+
+@dataclass(frozen=True)
+class StreamHealth:
+    """How one (account, stream) stands: its last finished run and its last success."""
+
+    account: str
+    stream: str
+    last_run_id: int | None
+    last_status: str | None
+    last_error: str | None
+    last_success: datetime | None
+    problem: str | None
+
+
+def stream_health(
+    conn: Connection, *, now: datetime, max_age: timedelta | None = None
+) -> list[StreamHealth]:
+    """Every stream with runs, and what is wrong with it: its last finished run failed, or
+    (with ``max_age``) it has not succeeded for longer than that."""
+    rows = conn.execute(
+        sa.text(
+            """
+            SELECT account, stream,
+                   (array_agg(id ORDER BY id DESC) FILTER (WHERE status <> 'running'))[1]
+                       AS last_run_id,
+                   (array_agg(status ORDER BY id DESC) FILTER (WHERE status <> 'running'))[1]
+                       AS last_status,
+                   (array_agg(error ORDER BY id DESC) FILTER (WHERE status <> 'running'))[1]
+                       AS last_error,
+                   max(finished_at) FILTER (WHERE status = 'succeeded') AS last_success
+            FROM sync_runs GROUP BY account, stream ORDER BY account, stream
+            """
+        )
+    ).all()
+    health = []
+    for row in rows:
+        problem = None
+        if row.last_status == "failed":
+            problem = f"last run #{row.last_run_id} failed: {row.last_error}"
+        elif max_age is not None and row.last_success is None:
+            problem = "has never succeeded"
+        elif max_age is not None and now - row.last_success > max_age:
+            problem = f"no successful run for {_age(now - row.last_success)} (max {_age(max_age)})"
+        health.append(
+            StreamHealth(
+                row.account,
+                row.stream,
+                row.last_run_id,
+                row.last_status,
+                row.last_error,
+                row.last_success,
+                problem,
+            )
+        )
+    return health
+
+
+def _age(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}".replace(".0" + unit, unit)
+    return f"{seconds}s"

@@ -4,23 +4,39 @@ Orders go through ``COPY`` into a session-local staging table, then one guarded
 ``INSERT … SELECT … ON CONFLICT (order_id) DO UPDATE … WHERE``: a stored order is replaced only
 by a newer ``last_update_time``, or an equal one with different content, so a replay writes
 nothing (no dead tuples). Rejected payloads are inserted into ``rejected_records``.
+
+The parser screens every value against its column, so PostgreSQL should refuse nothing; as a
+safety net, :func:`isolate` writes a batch that failed on its data again one record at a time
+(a savepoint each), so that only the records PostgreSQL refuses become rejected records.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from etl.db.models import rejected_records
-from etl.kalshi.parse import Order, QueuePosition, Rejected
+from etl.kalshi.parse import (
+    Order,
+    QueuePosition,
+    Rejected,
+    escaped_text,
+    storable_text,
+    storage_problem,
+)
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", Order, QueuePosition)
 
 ORDER_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Order))
 _STAGE = "kalshi_etl_orders_stage"
@@ -119,25 +135,85 @@ def insert_rejected(
     stream: str,
     account: str | None,
     received_at: datetime,
+    skip_known: bool = False,
 ) -> int:
-    """Keep rejected payloads with their reasons; return how many."""
-    if not rejected:
-        return 0
-    conn.execute(
-        sa.insert(rejected_records),
-        [
-            {
-                "account": account,
-                "stream": stream,
-                "received_at": received_at,
-                "error": item.reason,
-                "payload": item.raw if not isinstance(item.raw, str) else None,
-                "payload_text": item.raw if isinstance(item.raw, str) else None,
-            }
-            for item in rejected
-        ],
+    """Keep rejected payloads with their reasons; return how many rows were written.
+
+    A payload ``jsonb`` cannot hold is kept as escaped text. With ``skip_known``, a rejection
+    whose stream and reason are already recorded is not written again (a failure that repeats
+    every cycle is recorded once).
+    """
+    rows = [
+        {
+            "account": account,
+            "stream": stream,
+            "received_at": received_at,
+            "error": storable_text(item.reason),
+            **_payload(item.raw),
+        }
+        for item in rejected
+    ]
+    if skip_known and rows:
+        known = set(
+            conn.execute(
+                sa.select(rejected_records.c.error).where(
+                    rejected_records.c.stream == stream,
+                    rejected_records.c.error.in_([row["error"] for row in rows]),
+                )
+            ).scalars()
+        )
+        rows = [row for row in rows if row["error"] not in known]
+    if rows:
+        conn.execute(sa.insert(rejected_records), rows)
+    return len(rows)
+
+
+def _payload(raw: Any) -> dict[str, Any]:
+    if isinstance(raw, str):
+        return {"payload": None, "payload_text": storable_text(raw)}
+    if storage_problem(raw) is not None:
+        return {"payload": None, "payload_text": escaped_text(raw)}
+    return {"payload": raw, "payload_text": None}
+
+
+def is_record_error(exc: BaseException) -> bool:
+    """True when a write failed because of the values it carried (out of range, not
+    encodable, too large for an index), not because of the database or the connection."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    return isinstance(
+        orig,
+        psycopg.errors.DataError
+        | psycopg.errors.IntegrityError
+        | psycopg.errors.ProgramLimitExceeded
+        | UnicodeError
+        | ValueError
+        | OverflowError
+        | RecursionError,
     )
-    return len(rejected)
+
+
+def isolate(
+    conn: Connection,
+    records: Sequence[R],
+    write: Callable[[Connection, Sequence[R]], Counts],
+) -> tuple[Counts, list[Rejected]]:
+    """Write ``records`` one by one, each in a savepoint: the ones PostgreSQL refuses come
+    back as :class:`Rejected` (payload as escaped text), the others are written."""
+    counts = Counts()
+    refused: list[Rejected] = []
+    for record in records:
+        try:
+            with conn.begin_nested():
+                counts += write(conn, [record])
+        except Exception as exc:
+            if not is_record_error(exc):
+                raise
+            orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+            detail = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+            reason = f"PostgreSQL refused it: {type(orig).__name__}: {detail}"
+            log.warning("order %s: %s", record.order_id, reason)
+            refused.append(Rejected(reason, escaped_text(record.raw)))
+    return counts, refused
 
 
 _SNAPSHOT_SQL = sa.text(

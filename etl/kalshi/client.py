@@ -17,8 +17,10 @@ import email.utils
 import json
 import logging
 import random
+import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +29,7 @@ from urllib.parse import quote
 
 import httpx
 
-from etl.errors import ApiProtocolError, ApiStatusError, ApiTransportError
+from etl.errors import ApiProtocolError, ApiStatusError, ApiTransportError, StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,15 @@ SINGLE_COST = 2
 QUEUE_TICKERS_PER_CALL = 50
 _RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # Answers that mean "this server does not have that endpoint", never worth a retry.
-_NOT_SERVED = frozenset({404, 405, 501})
+NOT_SERVED = frozenset({404, 405, 501})
 
 
 class TokenBucket:
     """A thread-safe token bucket: ``rate`` tokens per second, bursts up to ``burst`` tokens.
 
-    A rate of 0 turns the limit off.
+    A rate of 0 turns the limit off. The server side (Kalshi, the simulator) starts full with
+    2 s of budget; the client starts empty with 1 s (:meth:`for_client`), so that whatever the
+    timing of the two, the client never asks for more than the server's bucket holds.
     """
 
     def __init__(
@@ -52,16 +56,28 @@ class TokenBucket:
         rate: float,
         *,
         burst: float | None = None,
+        start_full: bool = True,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.rate = rate
         self.capacity = burst if burst is not None else 2 * rate
-        self._tokens = self.capacity
+        self._tokens = self.capacity if start_full else 0.0
         self._clock = clock
         self._sleep = sleep
         self._last = clock()
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_client(
+        cls,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> TokenBucket:
+        """The client's bucket: empty at start, 1 s of burst, half the server's margin."""
+        return cls(rate, burst=rate, start_full=False, clock=clock, sleep=sleep)
 
     def _take(self, cost: float) -> float:
         """Refill, then take ``cost`` tokens if there; return the seconds still to wait (0 when
@@ -99,6 +115,9 @@ class RetryPolicy:
     """How hard to try: attempts, backoff base and cap, and a bound on the total wait."""
 
     max_attempts: int = 6
+    # A refused connection is answered at once: the host is down or the URL is wrong. Try it
+    # a few times quickly, not for minutes.
+    connect_attempts: int = 3
     base_delay: float = 0.5
     max_delay: float = 30.0
     max_total: float = 120.0
@@ -166,6 +185,54 @@ def error_details(body: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+_DEEP_STACK = 512 * 1024 * 1024
+_DEEP_RECURSION = 200_000
+_deep_lock = threading.Lock()
+
+
+def decode_json(content: bytes) -> Any:
+    """Decode a response body. A body the standard decoder refuses only because one record in
+    it is nested too deep or holds an integer of more than 4,300 digits is decoded again on a
+    thread with a large stack, huge integers becoming floats, so that the parser can reject
+    that one record instead of the whole page failing on every run.
+
+    Raises:
+        ValueError: the body is not JSON at all.
+    """
+    try:
+        return json.loads(content)
+    except (RecursionError, ValueError):
+        pass
+    outcome: dict[str, Any] = {}
+
+    def decode() -> None:
+        with _deep_lock:  # the recursion limit is per interpreter: one deep decode at a time
+            previous = sys.getrecursionlimit()
+            sys.setrecursionlimit(_DEEP_RECURSION)
+            try:
+                outcome["value"] = json.loads(content, parse_int=_bounded_int)
+            except (RecursionError, ValueError, MemoryError) as exc:
+                outcome["error"] = exc
+            finally:
+                sys.setrecursionlimit(previous)
+
+    with _deep_lock:
+        size = threading.stack_size(_DEEP_STACK)
+        try:
+            worker = threading.Thread(target=decode, name="deep-json")
+        finally:
+            threading.stack_size(size)
+    worker.start()
+    worker.join()
+    if "value" in outcome:
+        return outcome["value"]
+    raise ValueError(f"not decodable as JSON: {outcome.get('error')}")
+
+
+def _bounded_int(text: str) -> int | float:
+    return int(text) if len(text) <= 4000 else float(text)
+
+
 def _rfc3339(value: object, *, what: str) -> datetime | None:
     if value is None:
         return None
@@ -181,6 +248,10 @@ def _rfc3339(value: object, *, what: str) -> datetime | None:
 class KalshiClient:
     """Reads a Kalshi account through the Trade API v2.
 
+    Every request is bounded: ``deadline`` seconds for the whole exchange (each socket
+    operation also times out sooner), ``max_response_bytes`` for the body after decompression,
+    and a list page may hold no more items than the ``limit`` asked for.
+
     Args:
         base_url: API root including ``/trade-api/v2``.
         auth: signs requests; ``None`` only for unauthenticated endpoints in tests.
@@ -188,7 +259,11 @@ class KalshiClient:
         tokens_per_second: client-side read budget (0 = unlimited).
         page_size: ``limit`` sent with list calls.
         retry: the retry policy.
-        timeout: seconds per request.
+        timeout: seconds per socket operation (connect, each read).
+        deadline: seconds for a whole request, body included.
+        max_response_bytes: the largest body accepted, after decompression.
+        cancel: when set, waits (backoff, rate limit) end at once with
+            :class:`~etl.errors.StopRequested`; the daemon sets it on SIGTERM.
         sleep, rng: injectable for deterministic tests.
     """
 
@@ -201,22 +276,35 @@ class KalshiClient:
         tokens_per_second: float = 200.0,
         page_size: int = 200,
         retry: RetryPolicy = RetryPolicy(),
-        timeout: float = 30.0,
+        timeout: float = 20.0,
+        deadline: float = 60.0,
+        max_response_bytes: int = 64 * 1024 * 1024,
+        cancel: threading.Event | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
+        bucket_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.page_size = page_size
-        self.bucket = TokenBucket(tokens_per_second, sleep=sleep)
+        self.deadline = deadline
+        self.max_response_bytes = max_response_bytes
+        self._cancel = cancel
         self._retry = retry
         self._sleep = sleep
         self._rng = rng
+        self.bucket = TokenBucket.for_client(
+            tokens_per_second, sleep=self._pause, clock=bucket_clock
+        )
         self._http = httpx.Client(
             base_url=self.base_url + "/",
             auth=auth,
             transport=transport,
-            timeout=timeout,
-            headers={"Accept": "application/json", "User-Agent": "kalshi-etl"},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            headers={
+                "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",
+                "User-Agent": "kalshi-etl",
+            },
         )
 
     def close(self) -> None:
@@ -262,7 +350,8 @@ class KalshiClient:
         max_ts: int | None = None,
         subaccount: int | None = None,
     ) -> Iterator[Page]:
-        """Pages of ``GET /historical/orders``; nothing at all when the server has no such tier."""
+        """Pages of ``GET /historical/orders``; nothing at all when the server has no such tier
+        (404, 405 or 501)."""
         params = _drop_none(ticker=ticker, min_ts=min_ts, max_ts=max_ts, subaccount=subaccount)
         pages = self._paginate("historical/orders", params, items_key="orders")
         try:
@@ -270,26 +359,39 @@ class KalshiClient:
         except StopIteration:
             return
         except ApiStatusError as exc:
-            if exc.status == 404:
+            if exc.status in NOT_SERVED:
                 return
             raise
         yield first
         yield from pages
 
     def get_order(self, order_id: str) -> Any | None:
-        """``GET /portfolio/orders/{order_id}`` → the raw order, or ``None`` on 404."""
+        """``GET /portfolio/orders/{order_id}`` → the raw order, or ``None`` on 404.
+
+        Raises:
+            ApiProtocolError: the id cannot name a URL path segment (``.``, ``..``, empty), or
+                the answer is not that order.
+        """
+        if order_id in ("", ".", ".."):
+            raise ApiProtocolError(f"order id {order_id!r} cannot be fetched by id (not a path)")
+        shown = f"GET /portfolio/orders/{order_id[:80]}"
         try:
             body = self._get_json(f"portfolio/orders/{quote(order_id, safe='')}", cost=SINGLE_COST)
         except ApiStatusError as exc:
             if exc.status == 404:
                 return None
             raise
-        if not isinstance(body, dict) or "order" not in body:
+        order = body.get("order") if isinstance(body, dict) else None
+        if not isinstance(order, dict):
             raise ApiProtocolError(
-                f"GET /portfolio/orders/{order_id}: expected an object with 'order'",
+                f"{shown}: expected an object with 'order'", body=json.dumps(body)
+            )
+        if order.get("order_id") != order_id:
+            raise ApiProtocolError(
+                f"{shown}: the answer is order {str(order.get('order_id'))[:80]!r}, not this one",
                 body=json.dumps(body),
             )
-        return body["order"]
+        return order
 
     def queue_positions(
         self,
@@ -336,30 +438,32 @@ class KalshiClient:
 
     def historical_cutoff(self) -> HistoricalCutoff | None:
         """``GET /historical/cutoff``, or ``None`` when the server has no historical tier."""
-        try:
-            body = self._get_json("historical/cutoff", cost=SINGLE_COST)
-        except ApiStatusError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        if not isinstance(body, dict):
-            raise ApiProtocolError("GET /historical/cutoff: expected a JSON object")
+        body = self._optional_json("historical/cutoff")
+        if body is None:
+            return None
         ts = _rfc3339(body.get("orders_updated_ts"), what="historical cutoff orders_updated_ts")
         return HistoricalCutoff(orders_updated_ts=ts, raw=body)
 
     def user_data_timestamp(self) -> datetime | None:
         """How fresh the portfolio data is (``as_of_time``), or ``None`` where not served."""
-        try:
-            body = self._get_json("exchange/user_data_timestamp", cost=SINGLE_COST)
-        except ApiStatusError as exc:
-            if exc.status in _NOT_SERVED:
-                return None
-            raise
-        if not isinstance(body, dict):
-            raise ApiProtocolError("GET /exchange/user_data_timestamp: expected a JSON object")
+        body = self._optional_json("exchange/user_data_timestamp")
+        if body is None:
+            return None
         return _rfc3339(body.get("as_of_time"), what="user_data_timestamp as_of_time")
 
     # -- machinery -------------------------------------------------------------------------
+
+    def _optional_json(self, path: str) -> dict[str, Any] | None:
+        """An object from an endpoint a server may lack: ``None`` on 404, 405 or 501."""
+        try:
+            body = self._get_json(path, cost=SINGLE_COST)
+        except ApiStatusError as exc:
+            if exc.status in NOT_SERVED:
+                return None
+            raise
+        if not isinstance(body, dict):
+            raise ApiProtocolError(f"GET /{path}: expected a JSON object", body=json.dumps(body))
+        return body
 
     def _paginate(self, path: str, filters: dict[str, Any], *, items_key: str) -> Iterator[Page]:
         seen: set[str] = set()
@@ -376,6 +480,12 @@ class KalshiClient:
                     f"GET /{path}: expected an object with a '{items_key}' list",
                     body=json.dumps(body),
                 )
+            items = body[items_key] or []
+            if len(items) > self.page_size:
+                raise ApiProtocolError(
+                    f"GET /{path}: the server sent {len(items)} {items_key} for limit "
+                    f"{self.page_size}; refusing a page larger than asked for"
+                )
             raw_cursor = body.get("cursor")
             cursor = str(raw_cursor) if raw_cursor else None
             if cursor is not None:
@@ -385,66 +495,78 @@ class KalshiClient:
                         "stopping instead of looping (a server-side pagination bug)"
                     )
                 seen.add(cursor)
-            yield Page(items=body[items_key] or [], cursor=cursor)
+            yield Page(items=items, cursor=cursor)
             if cursor is None:
                 return
 
     def _get_json(
         self, path: str, *, params: Mapping[str, Any] | None = None, cost: int = LIST_COST
     ) -> Any:
-        response = self._request("GET", path, params=params, cost=cost)
+        answer = self._request("GET", path, params=params, cost=cost)
         try:
-            return json.loads(response.content)
+            return decode_json(answer.content)
         except ValueError:
-            text = response.content.decode("utf-8", errors="replace")
+            text = answer.content.decode("utf-8", errors="replace")
             raise ApiProtocolError(
-                f"GET /{path}: the API answered {response.status_code} with a body that is "
-                f"not JSON ({len(text)} bytes)",
+                f"GET /{path}: the API answered {answer.status} with a body that is "
+                f"not JSON ({len(answer.content)} bytes)",
                 body=text,
             ) from None
 
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when cancelled (then raise StopRequested)."""
+        if self._cancel is None:
+            self._sleep(seconds)
+            return
+        if self._cancel.wait(seconds):
+            raise StopRequested("stopped while waiting to call the Kalshi API")
+
     def _request(
         self, method: str, path: str, *, params: Mapping[str, Any] | None, cost: int
-    ) -> httpx.Response:
+    ) -> Answer:
         started = time.monotonic()
-        shown = "/" + path
+        shown = "/" + path.split("?", 1)[0]
+        host = self._http.base_url.host
         for attempt in range(self._retry.max_attempts):
+            if self._cancel is not None and self._cancel.is_set():
+                raise StopRequested("stopped before calling the Kalshi API")
             self.bucket.acquire(cost)
             retry_after: float | None = None
+            attempts = self._retry.max_attempts
             try:
-                response = self._http.request(method, path, params=params)
+                answer = self._exchange(method, path, params)
             except _RETRYABLE_TRANSPORT as exc:
                 failure: Exception = ApiTransportError(
-                    f"cannot reach the Kalshi API at {self._http.base_url.host}: "
+                    f"cannot reach the Kalshi API at {host}: "
                     f"{type(exc).__name__}: {exc or 'no detail'}"
                 )
                 cause: Exception = exc
+                if isinstance(exc, httpx.ConnectError):
+                    attempts = min(attempts, self._retry.connect_attempts)
             except httpx.TransportError as exc:
                 raise ApiTransportError(
-                    f"cannot reach the Kalshi API at {self._http.base_url.host}: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"cannot reach the Kalshi API at {host}: {type(exc).__name__}: {exc}"
                 ) from exc
+            except _Overdue as exc:
+                failure = cause = ApiTransportError(
+                    f"the Kalshi API at {host} did not finish {method} {shown} within "
+                    f"{self.deadline:.0f}s ({exc})"
+                )
             else:
-                if response.status_code < 400:
-                    return response
-                code, message = error_details(response.text)
+                if answer.status < 400:
+                    return answer
+                code, message = error_details(answer.content.decode("utf-8", errors="replace"))
                 failure = ApiStatusError(
-                    method=method,
-                    path=shown,
-                    status=response.status_code,
-                    code=code,
-                    api_message=message,
+                    method=method, path=shown, status=answer.status, code=code, api_message=message
                 )
                 cause = failure
-                if response.status_code != 429 and (
-                    response.status_code < 500 or response.status_code in _NOT_SERVED
-                ):
+                if answer.status != 429 and (answer.status < 500 or answer.status in NOT_SERVED):
                     raise failure
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(answer.headers.get("Retry-After"))
             delay = (
                 retry_after if retry_after is not None else self._retry.backoff(attempt, self._rng)
             )
-            last = attempt == self._retry.max_attempts - 1
+            last = attempt >= attempts - 1
             if last or time.monotonic() - started + delay > self._retry.max_total:
                 if failure is cause:
                     raise failure
@@ -455,11 +577,104 @@ class KalshiClient:
                 shown,
                 failure,
                 attempt + 1,
-                self._retry.max_attempts - 1,
+                attempts - 1,
                 delay,
             )
-            self._sleep(delay)
+            self._pause(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _exchange(self, method: str, path: str, params: Mapping[str, Any] | None) -> Answer:
+        """One HTTP exchange, its body read within the deadline and the size cap."""
+        deadline = time.monotonic() + self.deadline
+        request = self._http.build_request(method, path, params=params)
+        response = self._http.send(request, stream=True)
+        try:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > self.max_response_bytes:
+                raise ApiProtocolError(_too_large(method, path, self.max_response_bytes))
+            if response.is_stream_consumed:  # an in-memory response, already read and decoded
+                body = _Body("", self.max_response_bytes)
+                chunks: Iterable[bytes] = [response.content]
+            else:
+                body = _Body(response.headers.get("Content-Encoding", ""), self.max_response_bytes)
+                chunks = response.iter_raw()
+            for chunk in chunks:
+                if time.monotonic() > deadline:
+                    raise _Overdue(f"{body.size} bytes read")
+                if not body.feed(chunk):
+                    raise ApiProtocolError(_too_large(method, path, self.max_response_bytes))
+            if not body.finish():
+                raise ApiProtocolError(_too_large(method, path, self.max_response_bytes))
+        finally:
+            response.close()
+        return Answer(status=response.status_code, headers=response.headers, content=body.value)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A response read in full: status, headers and the decoded body."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+
+class _Overdue(Exception):
+    """A response still arriving when the request's deadline passed."""
+
+
+def _too_large(method: str, path: str, limit: int) -> str:
+    return (
+        f"{method} /{path.split('?', 1)[0]}: the response is larger than "
+        f"{limit // (1024 * 1024)} MiB; refusing it"
+    )
+
+
+class _Body:
+    """Collects a response body, undoing gzip/deflate, never holding more than ``limit``
+    decoded bytes: a small compressed body cannot expand past it."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._parts: list[bytes] = []
+        kind = encoding.strip().lower()
+        self._inflate: Any = None
+        if kind == "gzip" or kind == "x-gzip":
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif kind == "deflate":
+            self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
+        elif kind not in ("", "identity"):
+            raise ApiProtocolError(f"unsupported Content-Encoding {encoding!r}")
+
+    def feed(self, data: bytes) -> bool:
+        """Add raw bytes; False once the decoded body would pass the limit."""
+        if self._inflate is not None:
+            try:
+                data = self._inflate.decompress(data, self.limit - self.size + 1)
+            except zlib.error as exc:
+                raise ApiProtocolError(
+                    f"a compressed body that does not decompress: {exc}"
+                ) from None
+            if self._inflate.unconsumed_tail:
+                return False
+        return self._keep(data)
+
+    def finish(self) -> bool:
+        if self._inflate is not None:
+            return self._keep(self._inflate.flush())
+        return True
+
+    def _keep(self, data: bytes) -> bool:
+        self.size += len(data)
+        if self.size > self.limit:
+            return False
+        self._parts.append(data)
+        return True
+
+    @property
+    def value(self) -> bytes:
+        return b"".join(self._parts)
 
 
 def _drop_none(**params: Any) -> dict[str, Any]:

@@ -5,11 +5,19 @@ canonical fields derived when the payload lacks them (dollars from cents, ``*_fp
 counts, ``outcome_side``/``book_side`` from ``side``/``action``), or a :class:`Rejected` value
 with a precise reason. It never raises for bad data: one broken record must not cost the rest
 of its page. The payload travels with the record (``raw``), unknown fields included.
+
+Every value is checked against the range of the column it lands in (``integer``,
+``numeric(18, p)``, indexed text), and the whole payload against what ``jsonb`` can hold (no NUL,
+no lone surrogate, no infinite number, bounded nesting), so that PostgreSQL never refuses a record
+that parsed: such a record is rejected here, its payload kept as escaped JSON text
+(:func:`escaped_text`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +43,15 @@ _QUANTUM: Final = {p: Decimal(1).scaleb(-p) for p in (_DOLLAR_PLACES, _COUNT_PLA
 _NUMERIC_LIMIT: Final = {p: Decimal(10) ** (18 - p) for p in (_DOLLAR_PLACES, _COUNT_PLACES)}
 _DOLLARS_Q: Final = _QUANTUM[_DOLLAR_PLACES]
 _COUNT_Q: Final = _QUANTUM[_COUNT_PLACES]
+INT4_MIN: Final = -(2**31)
+INT4_MAX: Final = 2**31 - 1
+# Indexed text (order_id, ticker) must fit a btree entry (~2.7 kB): 512 characters of up to
+# 4 bytes each leave room. No real id or ticker comes near it.
+MAX_KEY_LENGTH: Final = 512
+# A payload nested deeper than this is not an order; it also keeps every recursive step
+# (json encoder, jsonb input) far from its limits.
+MAX_DEPTH: Final = 64
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 class RecordError(ValueError):
@@ -111,7 +128,9 @@ class Rejected:
 # -- field readers: each raises RecordError with the field name --------------------------------
 
 
-def _text(data: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+def _text(
+    data: Mapping[str, Any], name: str, *, required: bool = False, max_length: int | None = None
+) -> str | None:
     value = data.get(name)
     if value is None or (required and value == ""):
         if required:
@@ -119,6 +138,8 @@ def _text(data: Mapping[str, Any], name: str, *, required: bool = False) -> str 
         return None
     if not isinstance(value, str):
         raise RecordError(f"{name}: expected a string, got {type(value).__name__} {value!r:.40}")
+    if max_length is not None and len(value) > max_length:
+        raise RecordError(f"{name}: longer than {max_length} characters ({len(value)})")
     return value
 
 
@@ -130,7 +151,10 @@ def _enum(data: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
-def _int(data: Mapping[str, Any], name: str, *, minimum: int | None = None) -> int | None:
+def _int(
+    data: Mapping[str, Any], name: str, *, minimum: int = INT4_MIN, maximum: int = INT4_MAX
+) -> int | None:
+    """An integer that fits its column (``integer`` unless ``maximum`` says otherwise)."""
     value = data.get(name)
     if value is None:
         return None
@@ -140,9 +164,18 @@ def _int(data: Mapping[str, Any], name: str, *, minimum: int | None = None) -> i
         if not value.is_integer():
             raise RecordError(f"{name}: expected an integer, got {value!r}")
         value = int(value)
-    if minimum is not None and value < minimum:
-        raise RecordError(f"{name}: must be >= {minimum}, got {value}")
+    if value < minimum:
+        raise RecordError(f"{name}: must be >= {minimum}, got {_digits(value)}")
+    if value > maximum:
+        raise RecordError(f"{name}: out of range (at most {maximum}), got {_digits(value)}")
     return value
+
+
+def _digits(value: int) -> str:
+    """A short rendering of a possibly huge integer, for a reason text."""
+    if value.bit_length() < 200:
+        return str(value)
+    return f"a {math.floor(value.bit_length() * math.log10(2)) + 1}-digit number"
 
 
 def _decimal(
@@ -234,20 +267,27 @@ def parse_order(raw: Any) -> Order | Rejected:
         An :class:`Order`, or a :class:`Rejected` whose reason names the first bad field.
     """
     if not isinstance(raw, dict):
-        return Rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
-    if _has_nul(raw):
-        return _unstorable(raw)
+        return _rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
+    problem = storage_problem(raw)
+    if problem is not None:
+        return _rejected(_named(raw, problem), raw)
     try:
         return _order(raw)
     except RecordError as exc:
-        order_id = raw.get("order_id")
-        prefix = f"order {order_id}: " if isinstance(order_id, str) and order_id else ""
-        return Rejected(prefix + str(exc), raw)
+        return Rejected(_named(raw, str(exc)), raw)
+
+
+def _named(raw: Mapping[str, Any], reason: str) -> str:
+    """The reason, prefixed with the order's id when it has a usable one."""
+    order_id = raw.get("order_id")
+    if isinstance(order_id, str) and order_id and storage_problem(order_id) is None:
+        return f"order {order_id[:80]}: {reason}"
+    return reason
 
 
 def _order(data: dict[str, Any]) -> Order:
-    order_id = _text(data, "order_id", required=True)
-    ticker = _text(data, "ticker", required=True)
+    order_id = _text(data, "order_id", required=True, max_length=MAX_KEY_LENGTH)
+    ticker = _text(data, "ticker", required=True, max_length=MAX_KEY_LENGTH)
     status = _text(data, "status", required=True)
     assert order_id is not None and ticker is not None and status is not None
     if status not in ORDER_STATUSES:
@@ -332,37 +372,88 @@ def _order(data: dict[str, Any]) -> Order:
     )
 
 
-def _unstorable(raw: Any) -> Rejected:
-    """PostgreSQL stores no NUL in text or jsonb: keep such a payload as escaped JSON text."""
-    return Rejected(
-        "contains a NUL character (\\u0000), which PostgreSQL cannot store", json.dumps(raw)
-    )
+def storage_problem(value: Any) -> str | None:
+    """Why PostgreSQL could not store ``value`` as ``jsonb`` (or its strings as ``text``), or
+    ``None`` when it can: a NUL character, a lone UTF-16 surrogate, an infinite or NaN number
+    (what ``1e400`` decodes to), or nesting deeper than :data:`MAX_DEPTH`. Iterative, so any
+    depth is safe to scan."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if "\x00" in item:
+                return "contains a NUL character (\\u0000), which PostgreSQL cannot store"
+            if not item.isascii() and _SURROGATE.search(item):
+                return "contains a lone UTF-16 surrogate (like \\ud800), which is not valid text"
+        elif kind is float:
+            if not math.isfinite(item):
+                return f"contains the number {item!r}, which JSON and jsonb cannot hold"
+        elif kind is dict or kind is list:
+            if depth >= MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+            if kind is dict:
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+    return None
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
+def escaped_text(raw: Any) -> str:
+    """``raw`` as JSON text that PostgreSQL's ``text`` can hold whatever it contains: NUL and
+    surrogates escaped, ``Infinity``/``NaN`` spelled out, nesting past 200 levels cut (marked)."""
+    try:
+        return json.dumps(raw, ensure_ascii=True)
+    except (RecursionError, ValueError):
+        return json.dumps(_cut(raw, 200), ensure_ascii=True)
+
+
+def storable_text(text: str, *, limit: int | None = None) -> str:
+    """``text`` with what PostgreSQL's ``text`` refuses escaped (NUL, lone surrogates), cut to
+    ``limit`` characters."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _cut(value: Any, levels: int) -> Any:
+    if not isinstance(value, dict | list):
+        return value if not isinstance(value, int) or value.bit_length() < 10_000 else str(value)
+    if levels <= 0:
+        return "(nested deeper: not kept)"
     if isinstance(value, dict):
-        return any("\x00" in key or _has_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
+        return {str(key): _cut(item, levels - 1) for key, item in value.items()}
+    return [_cut(item, levels - 1) for item in value]
+
+
+def _rejected(reason: str, raw: Any) -> Rejected:
+    """A rejection whose payload can be stored: as JSON when ``jsonb`` can hold it, else as
+    escaped text."""
+    return Rejected(reason, raw if storage_problem(raw) is None else escaped_text(raw))
 
 
 def parse_queue_position(raw: Any) -> QueuePosition | Rejected:
     """Parse one queue-position entry (``queue_position`` int in 2025, ``queue_position_fp``
     decimal string in 2026)."""
     if not isinstance(raw, dict):
-        return Rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
-    if _has_nul(raw):
-        return _unstorable(raw)
+        return _rejected(f"expected a JSON object, got {type(raw).__name__}", raw)
+    problem = storage_problem(raw)
+    if problem is not None:
+        return _rejected(problem, raw)
     try:
-        order_id = _text(raw, "order_id", required=True)
-        ticker = _text(raw, "market_ticker", required=True)
+        order_id = _text(raw, "order_id", required=True, max_length=MAX_KEY_LENGTH)
+        ticker = _text(raw, "market_ticker", required=True, max_length=MAX_KEY_LENGTH)
         assert order_id is not None and ticker is not None
         position = _decimal(raw, "queue_position_fp", places=_COUNT_PLACES, minimum=_ZERO)
         if position is None:
-            position = _fp_from_count(_int(raw, "queue_position", minimum=0))
+            position = _fp_from_count(
+                _int(
+                    raw, "queue_position", minimum=0, maximum=int(_NUMERIC_LIMIT[_COUNT_PLACES]) - 1
+                )
+            )
         if position is None:
             raise RecordError("missing required field 'queue_position_fp' (or 'queue_position')")
     except RecordError as exc:

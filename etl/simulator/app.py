@@ -67,6 +67,8 @@ class SimulatorApp:
         faults: what to inject.
         wall_clock: seconds since the epoch, for signature freshness.
         advance: play trading events up to the wall clock on each request.
+        bucket_clock: monotonic seconds for the token buckets (a test can share one fake clock
+            between the client and the server).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class SimulatorApp:
         wall_clock: Callable[[], float] = time.time,
         advance: bool = True,
         seed: int = 0,
+        bucket_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.exchange = exchange
         self.public_keys = dict(public_keys)
@@ -86,6 +89,7 @@ class SimulatorApp:
         self._wall_clock = wall_clock
         self._advance = advance
         self._tokens_per_second = tokens_per_second
+        self._bucket_clock = bucket_clock
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.RLock()  # routes run under it and may roll the fault dice
         self._rng = random.Random(seed ^ 0x5EED)
@@ -159,18 +163,22 @@ class SimulatorApp:
         with self._lock:
             bucket = self._buckets.get(key_id)
             if bucket is None:
-                bucket = self._buckets[key_id] = TokenBucket(self._tokens_per_second)
+                bucket = self._buckets[key_id] = TokenBucket(
+                    self._tokens_per_second, clock=self._bucket_clock
+                )
         if not bucket.try_acquire(cost):
             raise ApiFault(429, "too_many_requests", "too many requests")
 
     def _route(self, route: str, query: dict[str, str]) -> Any:
         ex = self.exchange
         if route == "/portfolio/orders":
-            orders, cursor = ex.list_orders(_order_query(query, statuses=True))
-            return {"orders": self._maybe_corrupt(orders), "cursor": cursor}
+            asked = _order_query(query, statuses=True)
+            orders, cursor = ex.list_orders(asked)
+            return {"orders": self._maybe_corrupt(orders, asked.limit), "cursor": cursor}
         if route == "/historical/orders":
-            orders, cursor = ex.historical_orders(_order_query(query, statuses=False))
-            return {"orders": self._maybe_corrupt(orders), "cursor": cursor}
+            asked = _order_query(query, statuses=False)
+            orders, cursor = ex.historical_orders(asked)
+            return {"orders": self._maybe_corrupt(orders, asked.limit), "cursor": cursor}
         if route == "/portfolio/orders/queue_positions":
             tickers = [t for t in query.get("market_tickers", "").split(",") if t]
             positions = ex.queue_positions(
@@ -202,9 +210,12 @@ class SimulatorApp:
             return ex.queue_position(unquote(parts[3]))
         raise ApiFault(404, "not_found", f"no route for {route}")
 
-    def _maybe_corrupt(self, orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _maybe_corrupt(self, orders: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+        """Add one malformed record to a page that has room for it (a page never holds more
+        than its limit)."""
         if (
             not orders
+            or len(orders) >= limit
             or not self.faults.malformed_rate
             or self._roll() >= self.faults.malformed_rate
         ):

@@ -23,13 +23,17 @@ def private_pem(key: rsa.RSAPrivateKey) -> bytes:
     )
 
 
+SIMULATED_PREFIX = "sim-"
+
+
 def key_id(key: rsa.RSAPrivateKey) -> str:
-    """A stable, uuid-shaped id for a key: a digest of its public half."""
+    """A stable id for a key, a digest of its public half, marked as the simulator's (``sim-``)
+    so that no one mistakes its data for a real account's."""
     der = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     h = hashlib.sha256(der).hexdigest()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+    return f"{SIMULATED_PREFIX}{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 def load_or_create(path: Path) -> rsa.RSAPrivateKey:

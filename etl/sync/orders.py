@@ -1,19 +1,27 @@
 """Orders sync: pages → parse → upsert → state, one transaction per page.
 
 A *pull* reads one filtered listing page by page; each page's orders and rejected records are
-committed together with the run's counts. The watermark moves only in the transaction of the
-page that completes the pull that justifies it: the API's sort order is unknown, so a half-read
-pull justifies nothing. A kill at any instant therefore loses nothing, and a rerun converges.
+committed together with the run's counts. The watermark (or a backfill window's completion)
+is written in one more transaction once the listing has been read to its end: the API's sort
+order is unknown, so a half-read pull justifies nothing. A kill at any instant therefore loses
+nothing, and a rerun converges.
+
+No record can stop a stream: the parser rejects what PostgreSQL could not store, and a page
+whose write still fails on its data is written again record by record, so that only the
+records PostgreSQL refuses go to ``rejected_records``.
 
 One cycle (:func:`sync_orders`):
 
 1. first run of an account (no watermark): every live order, then every historical one (live
    first: orders only ever move live → historical, so nothing slips between the two);
-   later runs: live orders with ``min_ts = watermark − lookback`` (and the historical tier
-   too when that reaches past its cutoff);
+   later runs: live orders with ``min_ts = watermark − lookback``, then the historical tier
+   too when that reaches past its cutoff, read *after* the live pull so that orders which
+   moved meanwhile are found;
 2. every resting order (``status=resting``), whichever timestamp ``min_ts`` compares;
 3. settle: each order the table holds as open but step 2 did not list is fetched by id
-   (404 → looked up in the historical tier by its ticker).
+   (404 → looked up in the historical tier by its ticker and subaccount). An order that cannot
+   be fetched is logged and recorded in ``rejected_records`` (once per distinct failure); the
+   others still settle.
 
 The new watermark is the server's ``user_data_timestamp`` taken *before* step 1 (the local
 clock where the server has none, or where it is earlier): never past what the server has seen,
@@ -27,53 +35,51 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from etl.db.engine import stream_lock
+from etl.db.engine import connection
 from etl.db.state import (
-    Mode,
     add_to_run,
-    finish_run,
+    backfill_coverage,
     mark_window_done,
     open_orders,
     read_state,
-    start_run,
-    windows_done,
     write_state,
 )
-from etl.db.upsert import Counts, insert_rejected, upsert_orders
-from etl.errors import ApiProtocolError, StopRequested
+from etl.db.upsert import Counts, insert_rejected, is_record_error, isolate, upsert_orders
+from etl.errors import ApiError, ApiProtocolError, ApiStatusError
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
+from etl.sync.run import Clock, Run, recorded_run, utcnow
 
 log = logging.getLogger(__name__)
 
 STREAM = "orders"
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# Consecutive per-order failures that look like an outage (network, 5xx, 429) before settling
+# gives up: one order's trouble is that order's, three in a row are the API's.
+OUTAGE_STREAK = 3
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What the page that completes a pull writes to ``sync_state`` with its rows."""
+    """What a completed pull writes to ``sync_state``: the incremental watermark, or a
+    backfill window ``[start, end)`` in Unix seconds."""
 
     watermark: datetime | None = None
-    stream: str = STREAM
-    window: str | None = None
+    window: tuple[int, int] | None = None
 
 
 @dataclass
 class PullResult:
     counts: Counts = field(default_factory=Counts)
     open_ids: set[str] = field(default_factory=set)
+    subaccounts: set[int] = field(default_factory=set)
 
 
 class Progress:
@@ -138,165 +144,261 @@ def prefetched(pages: Iterable[Page], *, depth: int = 1) -> Generator[Page, None
 
 
 def write_page(
-    engine: Engine,
-    items: Sequence[Any],
-    *,
-    account: str,
-    run_id: int,
-    checkpoint: Checkpoint | None = None,
-    clock: Clock = utcnow,
+    run: Run, items: Sequence[Any], *, checkpoint: Checkpoint | None = None
 ) -> tuple[Counts, list[Order]]:
     """Parse and write one page in one transaction, with the run's counts and, when given,
-    the checkpoint. Returns the counts and the parsed orders."""
+    the checkpoint. A page PostgreSQL refuses on its data is written again record by record.
+    Returns the counts and the orders written."""
     parsed = [parse_order(item) for item in items]
     good = [p for p in parsed if isinstance(p, Order)]
     bad = [p for p in parsed if isinstance(p, Rejected)]
     for rejected in bad:
         log.warning("rejected an order record: %s", rejected.reason)
-    now = clock()
-    with engine.begin() as conn:
-        counts = upsert_orders(conn, good, synced_at=now)
-        rejected_count = insert_rejected(conn, bad, stream=STREAM, account=account, received_at=now)
-        counts = counts + Counts(fetched=rejected_count, rejected=rejected_count)
-        add_to_run(conn, run_id, counts)
+    try:
+        return _write(run, good, bad, checkpoint, careful=False), good
+    except Exception as exc:
+        if not is_record_error(exc):
+            raise
+        log.warning("PostgreSQL refused a page (%s); writing it record by record", exc)
+    return _write(run, good, bad, checkpoint, careful=True), good
+
+
+def _write(
+    run: Run,
+    good: Sequence[Order],
+    bad: Sequence[Rejected],
+    checkpoint: Checkpoint | None,
+    *,
+    careful: bool,
+) -> Counts:
+    now = run.clock()
+    with run.transaction() as conn:
+        if careful:
+            written, refused = isolate(
+                conn, good, lambda c, batch: upsert_orders(c, batch, synced_at=now)
+            )
+        else:
+            written, refused = upsert_orders(conn, good, synced_at=now), []
+        rejected = insert_rejected(
+            conn, [*bad, *refused], stream=STREAM, account=run.account, received_at=now
+        )
+        counts = Counts(
+            fetched=len(good) + len(bad),
+            inserted=written.inserted,
+            updated=written.updated,
+            unchanged=written.unchanged,
+            rejected=rejected,
+        )
+        add_to_run(conn, run.run_id, counts)
         if checkpoint is not None and checkpoint.window is not None:
-            mark_window_done(conn, account, checkpoint.stream, checkpoint.window)
+            mark_window_done(conn, run.account, *checkpoint.window)
         elif checkpoint is not None:
-            write_state(conn, account, checkpoint.stream, watermark=checkpoint.watermark)
-    return counts, good
+            write_state(conn, run.account, STREAM, watermark=checkpoint.watermark)
+    return counts
 
 
-def keep_unparseable_body(engine: Engine, exc: ApiProtocolError, *, account: str) -> None:
-    """A page whose body was not JSON: keep the body in ``rejected_records`` before failing."""
+def keep_unparseable_body(run: Run, exc: ApiProtocolError) -> None:
+    """A page whose body was not JSON: keep the body (escaped) in ``rejected_records`` before
+    the run fails with the API error; failing to keep it never hides that error."""
     if exc.body is None:
         return
-    with engine.begin() as conn:
-        insert_rejected(
-            conn,
-            [Rejected(str(exc), exc.body)],
-            stream=STREAM,
-            account=account,
-            received_at=utcnow(),
-        )
+    try:
+        with run.transaction() as conn:
+            insert_rejected(
+                conn,
+                [Rejected(str(exc), exc.body)],
+                stream=STREAM,
+                account=run.account,
+                received_at=run.clock(),
+            )
+    except Exception as keep_error:  # the API error is what the run reports
+        log.warning("could not keep the unparseable body: %s", keep_error)
+
+
+PageCallback = Callable[[int], None]
 
 
 def pull(
-    engine: Engine,
+    run: Run,
     pages: Iterable[Page],
     *,
-    account: str,
-    run_id: int,
     checkpoint: Checkpoint | None,
     label: str,
-    clock: Clock = utcnow,
-    stop: threading.Event | None = None,
+    on_page: PageCallback | None = None,
 ) -> PullResult:
-    """Write every page of one listing, each in its own transaction; the page that completes
-    the listing carries ``checkpoint``.
+    """Write every page of one listing, each in its own transaction; once the listing has
+    been read to its end, write ``checkpoint``.
 
     Raises:
-        StopRequested: ``stop`` was set; the page in flight was committed first.
+        StopRequested: a stop was asked for; the page in flight was committed first.
     """
     result = PullResult()
     progress = Progress(label)
     iterator = prefetched(pages)
-    seen_page = False
     try:
-        while True:
-            try:
-                page = next(iterator)
-            except StopIteration:
-                if not seen_page and checkpoint is not None:
-                    # A listing with no page at all (a tier the server lacks) is complete too.
-                    write_page(
-                        engine,
-                        [],
-                        account=account,
-                        run_id=run_id,
-                        checkpoint=checkpoint,
-                        clock=clock,
-                    )
-                return result
-            except ApiProtocolError as exc:
-                keep_unparseable_body(engine, exc, account=account)
-                raise
-            counts, orders = write_page(
-                engine,
-                page.items,
-                account=account,
-                run_id=run_id,
-                checkpoint=checkpoint if page.is_last else None,
-                clock=clock,
-            )
-            seen_page = True
+        for page in iterator:
+            counts, orders = write_page(run, page.items)
             result.counts += counts
-            result.open_ids.update(o.order_id for o in orders if o.is_open)
+            for order in orders:
+                if order.is_open:
+                    result.open_ids.add(order.order_id)
+                if order.subaccount_number is not None:
+                    result.subaccounts.add(order.subaccount_number)
             progress.add(len(page.items))
-            if stop is not None and stop.is_set() and not page.is_last:
-                raise StopRequested(f"stopped during {label}; the pages read so far are committed")
+            if on_page is not None:
+                on_page(len(page.items))
+            run.check_stop(f"stopped during {label}; the pages read so far are committed")
+    except ApiProtocolError as exc:
+        keep_unparseable_body(run, exc)
+        raise
     finally:
         iterator.close()  # stops the prefetch thread at once, whatever ended the pull
+    if checkpoint is not None:
+        write_page(run, [], checkpoint=checkpoint)
+    return result
 
 
-def settle(
-    engine: Engine,
-    client: KalshiClient,
-    *,
-    account: str,
-    run_id: int,
-    listed_open: set[str],
-    clock: Clock = utcnow,
-) -> Counts:
+def historical_pages(client: KalshiClient, subaccounts: set[int], **filters: Any) -> Iterator[Page]:
+    """Every page of the historical tier for ``filters``. KALSHI.md does not say whether
+    ``/historical/orders`` without ``subaccount`` serves every subaccount or only 0: when it
+    served no order of another subaccount and the account has other ``subaccounts``, each of
+    those is asked for by number."""
+    seen_other = False
+    for page in client.iter_historical_order_pages(**filters):
+        seen_other = seen_other or any(
+            isinstance(item, dict) and item.get("subaccount_number") not in (None, 0)
+            for item in page.items
+        )
+        yield page
+    if seen_other:
+        return
+    for subaccount in sorted(subaccounts - {0}):
+        yield from client.iter_historical_order_pages(subaccount=subaccount, **filters)
+
+
+def _is_outage(exc: ApiError) -> bool:
+    if isinstance(exc, ApiStatusError):
+        return exc.status == 429 or exc.status >= 500
+    return not isinstance(exc, ApiProtocolError)
+
+
+def _is_global(exc: ApiError) -> bool:
+    return isinstance(exc, ApiStatusError) and exc.status in (401, 403)
+
+
+class _Failures:
+    """Per-order failures of a settle: logged, recorded once each, and an outage detector."""
+
+    def __init__(self) -> None:
+        self.recorded: list[Rejected] = []
+        self._streak = 0
+
+    def ok(self) -> None:
+        self._streak = 0
+
+    def failed(self, order_id: str, ticker: str, exc: ApiError) -> None:
+        if _is_global(exc):
+            raise exc
+        if _is_outage(exc):
+            self._streak += 1
+            if self._streak >= OUTAGE_STREAK:
+                raise exc
+        log.warning("could not settle order %s: %s", order_id, exc)
+        self.recorded.append(
+            Rejected(
+                f"could not settle order {order_id[:80]}: {exc}",
+                {"order_id": order_id, "ticker": ticker},
+            )
+        )
+
+
+def settle(run: Run, client: KalshiClient, *, listed_open: set[str]) -> Counts:
     """Fetch, by id, every order stored as open that the resting listing no longer shows."""
-    with engine.connect() as conn:
+    with connection(run.engine) as conn:
         stale = [o for o in open_orders(conn) if o.order_id not in listed_open]
     if not stale:
         return Counts()
     log.info("settling %d order(s) no longer listed as resting", len(stale))
     counts = Counts()
+    failures = _Failures()
     batch: list[Any] = []
-    gone: dict[str, set[str]] = {}
-    oldest: dict[str, datetime | None] = {}
+    gone: dict[tuple[str, int | None], dict[str, datetime | None]] = {}
     for order in stale:
-        raw = client.get_order(order.order_id)
+        run.check_stop("stopped while settling; the orders settled so far are committed")
+        try:
+            raw = client.get_order(order.order_id)
+        except ApiError as exc:
+            failures.failed(order.order_id, order.ticker, exc)
+            continue
+        failures.ok()
         if raw is None:
-            gone.setdefault(order.ticker, set()).add(order.order_id)
-            # min_ts at the oldest creation bounds the scan whichever timestamp it compares:
-            # an order's last update is never before its creation.
-            held = oldest.get(order.ticker, order.created_time)
-            oldest[order.ticker] = (
-                None
-                if held is None or order.created_time is None
-                else min(held, order.created_time)
+            gone.setdefault((order.ticker, order.subaccount_number), {})[order.order_id] = (
+                order.created_time
             )
             continue
         batch.append(raw)
         if len(batch) >= client.page_size:
-            counts += write_page(engine, batch, account=account, run_id=run_id, clock=clock)[0]
+            counts += write_page(run, batch)[0]
             batch = []
     if batch:
-        counts += write_page(engine, batch, account=account, run_id=run_id, clock=clock)[0]
-    for ticker, wanted in sorted(gone.items()):
-        since = oldest[ticker]
-        min_ts = _seconds(since) if since is not None else None
-        for page in client.iter_historical_order_pages(ticker=ticker, min_ts=min_ts):
-            found = [
-                item
-                for item in page.items
-                if isinstance(item, dict) and item.get("order_id") in wanted
-            ]
-            if found:
-                counts += write_page(engine, found, account=account, run_id=run_id, clock=clock)[0]
-                wanted.difference_update(item["order_id"] for item in found)
-            if not wanted:
-                break
-        if wanted:
-            log.warning(
-                "%d open order(s) of %s are no longer served by the API; kept as stored: %s",
-                len(wanted),
-                ticker,
-                ", ".join(sorted(wanted)[:5]),
+        counts += write_page(run, batch)[0]
+    for (ticker, subaccount), wanted in sorted(gone.items(), key=lambda kv: str(kv[0])):
+        try:
+            counts += _settle_from_history(run, client, ticker, subaccount, wanted)
+        except ApiError as exc:
+            for order_id in wanted:
+                failures.failed(order_id, ticker, exc)
+    if failures.recorded:
+        with run.transaction() as conn:
+            written = insert_rejected(
+                conn,
+                failures.recorded,
+                stream=STREAM,
+                account=run.account,
+                received_at=run.clock(),
+                skip_known=True,
             )
+            add_to_run(conn, run.run_id, Counts(rejected=written))
+        counts += Counts(rejected=written)
+    return counts
+
+
+def _settle_from_history(
+    run: Run,
+    client: KalshiClient,
+    ticker: str,
+    subaccount: int | None,
+    wanted: dict[str, datetime | None],
+) -> Counts:
+    """Look the orders of one market (and subaccount) up in the historical tier."""
+    created = list(wanted.values())
+    # min_ts at the oldest creation bounds the scan whichever timestamp it compares: an
+    # order's last update is never before its creation.
+    since = None if None in created else min(c for c in created if c is not None)
+    counts = Counts()
+    missing = set(wanted)
+    for page in client.iter_historical_order_pages(
+        ticker=ticker,
+        min_ts=_seconds(since) if since is not None else None,
+        subaccount=subaccount,
+    ):
+        found = [
+            item
+            for item in page.items
+            if isinstance(item, dict) and item.get("order_id") in missing
+        ]
+        if found:
+            counts += write_page(run, found)[0]
+            missing.difference_update(item["order_id"] for item in found)
+        if not missing:
+            break
+    if missing:
+        log.warning(
+            "%d open order(s) of %s are no longer served by the API; kept as stored: %s",
+            len(missing),
+            ticker,
+            ", ".join(sorted(missing)[:5]),
+        )
     return counts
 
 
@@ -309,6 +411,19 @@ class SyncResult:
 
 def _seconds(value: datetime) -> int:
     return math.floor(value.timestamp())
+
+
+def _log_run(mode: str, run_id: int, counts: Counts) -> None:
+    log.info(
+        "orders %s run %d: fetched %d, inserted %d, updated %d, unchanged %d, rejected %d",
+        mode,
+        run_id,
+        counts.fetched,
+        counts.inserted,
+        counts.updated,
+        counts.unchanged,
+        counts.rejected,
+    )
 
 
 def sync_orders(
@@ -324,122 +439,72 @@ def sync_orders(
     """One incremental cycle for ``account`` (see the module docstring).
 
     Raises:
-        LockBusyError: another run of this account's orders stream holds the lock.
+        LockBusyError: another run of this account's orders (a sync or a backfill) holds the
+            lock.
         ApiError: the API failed after retries; the run is recorded as failed.
     """
-    with stream_lock(engine, account, STREAM, wait=lock_wait):
-        return _run(
-            engine,
-            account,
-            "incremental",
-            lambda run_id: _cycle(
-                engine,
-                client,
-                account=account,
-                run_id=run_id,
-                lookback=lookback,
-                clock=clock,
-                stop=stop,
-            ),
-        )
+    with recorded_run(
+        engine, account, STREAM, "incremental", lock_wait=lock_wait, clock=clock, stop=stop
+    ) as run:
+        counts, watermark = _cycle(run, client, lookback=lookback)
+    _log_run("incremental", run.run_id, counts)
+    return SyncResult(run_id=run.run_id, counts=counts, watermark=watermark)
 
 
-def _run(
-    engine: Engine, account: str, mode: Mode, body: Callable[[int], tuple[Counts, datetime | None]]
-) -> SyncResult:
-    with engine.begin() as conn:
-        run_id = start_run(conn, account, STREAM, mode)
-    try:
-        counts, watermark = body(run_id)
-    except BaseException as exc:
-        message = str(exc) or type(exc).__name__
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            message = "interrupted"
-        elif isinstance(exc, StopRequested):
-            message = f"stopped on request: {exc}"
-        with engine.begin() as conn:
-            finish_run(conn, run_id, "failed", error=message)
-        raise
-    with engine.begin() as conn:
-        finish_run(conn, run_id, "succeeded")
-    log.info(
-        "orders %s run %d: fetched %d, inserted %d, updated %d, unchanged %d, rejected %d",
-        mode,
-        run_id,
-        counts.fetched,
-        counts.inserted,
-        counts.updated,
-        counts.unchanged,
-        counts.rejected,
-    )
-    return SyncResult(run_id=run_id, counts=counts, watermark=watermark)
+def _stored_subaccounts(run: Run) -> set[int]:
+    with connection(run.engine) as conn:
+        return {o.subaccount_number for o in open_orders(conn) if o.subaccount_number is not None}
 
 
-def _cycle(
-    engine: Engine,
-    client: KalshiClient,
-    *,
-    account: str,
-    run_id: int,
-    lookback: timedelta,
-    clock: Clock,
-    stop: threading.Event | None,
-) -> tuple[Counts, datetime | None]:
-    with engine.connect() as conn:
-        stored = read_state(conn, account, STREAM)
+def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Counts, datetime]:
+    with connection(run.engine) as conn:
+        stored = read_state(conn, run.account, STREAM)
     # Taken before the pull: everything the server had seen by then is in what we read. The
     # earlier of server and local time, so a server clock running ahead cannot skip orders.
-    local = clock()
+    local = run.clock()
     server = client.user_data_timestamp()
     as_of = min(server, local) if server is not None else local
-    cutoff = client.historical_cutoff()
     checkpoint = Checkpoint(watermark=as_of)
+    first = stored is None or stored.watermark is None
+    since = (
+        None
+        if first or stored is None or stored.watermark is None
+        else (stored.watermark - lookback)
+    )
 
-    pulls: list[tuple[str, Iterable[Page]]]
-    if stored is None or stored.watermark is None:
-        log.info("first sync of account %s: loading every order", account)
-        pulls = [("live orders", client.iter_order_pages())]
-        if cutoff is not None:
-            pulls.append(("historical orders", client.iter_historical_order_pages()))
+    if since is None:
+        log.info("first sync of account %s: loading every order", run.account)
+        live = pull(run, client.iter_order_pages(), checkpoint=None, label="live orders")
     else:
-        since = stored.watermark - lookback
-        pulls = [
-            ("orders since " + since.isoformat(), client.iter_order_pages(min_ts=_seconds(since)))
-        ]
-        if cutoff is not None and cutoff.orders_updated_ts and since < cutoff.orders_updated_ts:
-            pulls.append(
-                ("historical orders", client.iter_historical_order_pages(min_ts=_seconds(since)))
-            )
-
-    counts = Counts()
-    for index, (label, pages) in enumerate(pulls):
-        last = index == len(pulls) - 1
-        result = pull(
-            engine,
-            pages,
-            account=account,
-            run_id=run_id,
-            checkpoint=checkpoint if last else None,
-            label=label,
-            clock=clock,
-            stop=stop,
+        live = pull(
+            run,
+            client.iter_order_pages(min_ts=_seconds(since)),
+            checkpoint=None,
+            label="orders since " + since.isoformat(),
         )
-        counts += result.counts
+    counts = live.counts
+    # The cutoff is read after the live pull: orders that moved to the historical tier while
+    # the live tier was being read are then still looked for there.
+    cutoff = client.historical_cutoff()
+    wants_history = cutoff is not None and (
+        since is None or (cutoff.orders_updated_ts is not None and since < cutoff.orders_updated_ts)
+    )
+    if wants_history:
+        subaccounts = live.subaccounts | _stored_subaccounts(run)
+        filters = {} if since is None else {"min_ts": _seconds(since)}
+        counts += pull(
+            run,
+            historical_pages(client, subaccounts, **filters),
+            checkpoint=None,
+            label="historical orders",
+        ).counts
+    write_page(run, [], checkpoint=checkpoint)
 
     resting = pull(
-        engine,
-        client.iter_order_pages(status="resting"),
-        account=account,
-        run_id=run_id,
-        checkpoint=None,
-        label="resting orders",
-        clock=clock,
-        stop=stop,
+        run, client.iter_order_pages(status="resting"), checkpoint=None, label="resting orders"
     )
     counts += resting.counts
-    counts += settle(
-        engine, client, account=account, run_id=run_id, listed_open=resting.open_ids, clock=clock
-    )
+    counts += settle(run, client, listed_open=resting.open_ids)
     return counts, as_of
 
 
@@ -451,12 +516,17 @@ class Window:
     end: datetime
 
     @property
-    def key(self) -> str:
-        return f"{_seconds(self.start)}-{_seconds(self.end)}"
+    def bounds(self) -> tuple[int, int]:
+        """[start, end) in Unix seconds: the key the window is checkpointed by."""
+        return _seconds(self.start), math.ceil(self.end.timestamp())
 
 
 def plan_windows(since: datetime, until: datetime, size: timedelta) -> list[Window]:
-    """Cut [since, until) into windows of ``size`` (the last one shorter), newest first."""
+    """Cut [since, until) into windows of ``size`` (the last one shorter), newest first.
+
+    The cuts fall at ``since + k·size`` whatever ``until`` is, so a rerun with a later
+    ``until`` (the default, now) plans the same windows and skips the ones done.
+    """
     if size <= timedelta(0):
         raise ValueError("window size must be positive")
     windows = []
@@ -468,7 +538,22 @@ def plan_windows(since: datetime, until: datetime, size: timedelta) -> list[Wind
     return windows[::-1]
 
 
-BackfillProgress = Callable[[int, int, Counts], None]
+def covered(bounds: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
+    """True when [start, end) lies inside one of the merged ``spans``."""
+    start, end = bounds
+    return any(a <= start and end <= b for a, b in spans)
+
+
+@dataclass(frozen=True)
+class BackfillProgress:
+    """Where a backfill stands, for a progress display."""
+
+    windows_done: int
+    windows_total: int
+    orders: int
+
+
+ProgressCallback = Callable[[BackfillProgress], None]
 
 
 def backfill_orders(
@@ -481,82 +566,96 @@ def backfill_orders(
     window: timedelta = timedelta(days=1),
     concurrency: int = 4,
     lock_wait: float = 30.0,
-    on_progress: BackfillProgress | None = None,
+    on_progress: ProgressCallback | None = None,
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
 ) -> SyncResult:
     """Load every order with a timestamp in [since, until), live and historical tiers.
 
     The range is cut into windows fetched ``concurrency`` at a time; a window is recorded as
-    done in the transaction of its last page, so a rerun with the same range and window
-    skips the windows already done. ``on_progress(done, total, counts)`` is called after each.
+    done (by its own bounds) once read to its end, so a rerun, whatever its ``until``, skips
+    the windows already done. It holds the account's orders lock: a sync of the same account
+    waits (or, in the daemon, skips its turn) rather than writing at the same time.
+    ``on_progress`` is called after each page and each window.
 
     Raises:
-        LockBusyError: another backfill of this account is running.
+        LockBusyError: another run of this account's orders holds the lock.
         ApiError: a window failed after retries; completed windows stay done.
     """
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
     plan = plan_windows(since, until, window)
-    stream = f"{STREAM}:backfill:{_seconds(since)}-{_seconds(until)}/{int(window.total_seconds())}s"
-    with stream_lock(engine, account, f"{STREAM}:backfill", wait=lock_wait):
-        with engine.connect() as conn:
-            done = windows_done(conn, account, stream)
-        todo = [w for w in plan if w.key not in done]
-        if done:
-            log.info("backfill resumes: %d of %d windows already done", len(done), len(plan))
-        has_history = False
-
-        def run_window(run_id: int, win: Window) -> Counts:
-            if stop is not None and stop.is_set():
-                raise StopRequested("stopped before every window was fetched")
-            checkpoint = Checkpoint(stream=stream, window=win.key)
-            lo, hi = _seconds(win.start), math.ceil(win.end.timestamp())
-            live = pull(
-                engine,
-                client.iter_order_pages(min_ts=lo, max_ts=hi),
-                account=account,
-                run_id=run_id,
-                checkpoint=None if has_history else checkpoint,
-                label=f"orders {win.start:%Y-%m-%d %H:%M}",
-                clock=clock,
-                stop=stop,
+    with recorded_run(
+        engine, account, STREAM, "backfill", lock_wait=lock_wait, clock=clock, stop=stop
+    ) as run:
+        with connection(engine) as conn:
+            spans = backfill_coverage(conn, account)
+        todo = [w for w in plan if not covered(w.bounds, spans)]
+        if len(todo) < len(plan):
+            log.info(
+                "backfill resumes: %d of %d windows already done", len(plan) - len(todo), len(plan)
             )
-            if not has_history:
-                return live.counts
-            historical = pull(
-                engine,
-                client.iter_historical_order_pages(min_ts=lo, max_ts=hi),
-                account=account,
-                run_id=run_id,
-                checkpoint=checkpoint,
-                label=f"historical orders {win.start:%Y-%m-%d %H:%M}",
-                clock=clock,
-                stop=stop,
-            )
-            return live.counts + historical.counts
+        total = _backfill(run, client, plan, todo, concurrency, on_progress)
+    _log_run("backfill", run.run_id, total)
+    return SyncResult(run_id=run.run_id, counts=total, watermark=None)
 
-        def body(run_id: int) -> tuple[Counts, datetime | None]:
-            nonlocal has_history
-            has_history = client.historical_cutoff() is not None
-            total = Counts()
-            completed = len(plan) - len(todo)
-            if on_progress:
-                on_progress(completed, len(plan), total)
-            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-                pending = {pool.submit(run_window, run_id, w) for w in todo}
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for future in finished:
-                        error = future.exception()
-                        if error is not None:
-                            for other in pending:
-                                other.cancel()
-                            raise error
-                        total += future.result()
-                        completed += 1
-                        if on_progress:
-                            on_progress(completed, len(plan), total)
-            return total, None
 
-        return _run(engine, account, "backfill", body)
+def _backfill(
+    run: Run,
+    client: KalshiClient,
+    plan: Sequence[Window],
+    todo: Sequence[Window],
+    concurrency: int,
+    on_progress: ProgressCallback | None,
+) -> Counts:
+    has_history = client.historical_cutoff() is not None
+    subaccounts = _stored_subaccounts(run)
+    lock = threading.Lock()
+    state = {"done": len(plan) - len(todo), "orders": 0}
+
+    def report() -> None:
+        if on_progress is not None:
+            on_progress(BackfillProgress(state["done"], len(plan), state["orders"]))
+
+    def counted(fetched: int) -> None:
+        with lock:
+            state["orders"] += fetched
+        report()
+
+    def run_window(win: Window) -> Counts:
+        run.check_stop("stopped before every window was fetched")
+        lo, hi = win.bounds
+        label = f"{win.start:%Y-%m-%d %H:%M}"
+        counts = pull(
+            run,
+            client.iter_order_pages(min_ts=lo, max_ts=hi),
+            checkpoint=None,
+            label=f"orders {label}",
+            on_page=counted,
+        ).counts
+        if has_history:
+            counts += pull(
+                run,
+                historical_pages(client, subaccounts, min_ts=lo, max_ts=hi),
+                checkpoint=None,
+                label=f"historical orders {label}",
+                on_page=counted,
+            ).counts
+        write_page(run, [], checkpoint=Checkpoint(window=(lo, hi)))
+        with lock:
+            state["done"] += 1
+        report()
+        return counts
+
+    total = Counts()
+    report()
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        pending: set[Future[Counts]] = {pool.submit(run_window, w) for w in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    total += future.result()
+        except BaseException:
+            for other in pending:
+                other.cancel()
+            raise
+    return total

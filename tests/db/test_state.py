@@ -10,7 +10,14 @@ from datetime import UTC, datetime
 import pytest
 
 from etl.db.engine import mask, stream_lock
-from etl.db.state import StreamState, finish_run, read_state, start_run, write_state
+from etl.db.state import (
+    INTERRUPTED,
+    StreamState,
+    finish_run,
+    read_state,
+    start_run,
+    write_state,
+)
 from etl.errors import LockBusyError
 
 T1 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -40,7 +47,7 @@ def test_a_run_left_running_by_a_killed_process_is_closed_as_interrupted(db):
         second = start_run(conn, "acct", "orders", "incremental")
         finish_run(conn, second, "succeeded")
         rows = dict(conn.exec_driver_sql("SELECT id, error FROM sync_runs").all())
-    assert rows == {first: "interrupted", second: None}
+    assert rows == {first: INTERRUPTED, second: None}
 
 
 def test_a_second_holder_waits_then_gives_up_naming_the_stream(db):

@@ -14,7 +14,13 @@ import pytest
 
 from etl.errors import ApiProtocolError, ApiStatusError, ApiTransportError
 from etl.kalshi.auth import KalshiAuth
-from etl.kalshi.client import KalshiClient, TokenBucket, error_details, parse_retry_after
+from etl.kalshi.client import (
+    KalshiClient,
+    RetryPolicy,
+    TokenBucket,
+    error_details,
+    parse_retry_after,
+)
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
 from tests.fix_exchange import BASE, NOW, Sleeps, make_client
@@ -136,11 +142,23 @@ def test_network_errors_are_retried_then_reported(private_key):
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(1)
-        raise httpx.ConnectError("connection refused")
+        raise httpx.ReadTimeout("timed out")
 
     with pytest.raises(ApiTransportError, match="cannot reach the Kalshi API at simulator.test"):
         list(make_client(mock(handler), private_key).iter_order_pages())
     assert len(calls) == 4
+
+
+def test_a_refused_connection_is_tried_only_a_few_times(private_key):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        raise httpx.ConnectError("connection refused")
+
+    with pytest.raises(ApiTransportError, match="ConnectError: connection refused"):
+        list(make_client(mock(handler), private_key).iter_order_pages())
+    assert len(calls) == RetryPolicy().connect_attempts == 3
 
 
 def test_a_body_that_is_not_json_is_a_protocol_error_that_keeps_the_body(private_key):

@@ -138,7 +138,7 @@ def test_a_page_that_is_not_json_is_kept_and_fails_the_run(db, private_key, app)
 
     def broken_once(environ, start_response):
         calls.append(1)
-        if len(calls) == 4:  # after user_data_timestamp, cutoff and one good page
+        if len(calls) == 3:  # after user_data_timestamp and one good page
             start_response("200 OK", [("Content-Type", "text/html")])
             return [b"<html>upstream hiccup</html>"]
         return app(environ, start_response)
@@ -190,7 +190,7 @@ def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
     assert_table_equals_truth(db, exchange)
     assert count(db, "SELECT count(*) FROM orders") == len(exchange.truth())
     first, second = runs(db)
-    assert (first.status, first.error) == ("failed", "interrupted")
+    assert first.status == "failed" and first.error.startswith("interrupted")
     assert second.status == "succeeded"
 
 
