@@ -671,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("psql", cmd_psql, "open psql on the database (the embedded one included)")
-    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="passed on to psql, e.g. -c 'SQL'")
+    p.set_defaults(psql_args=[])
+    p.epilog = "Everything after `psql` goes to psql itself, e.g. kalshi-etl psql -c 'SELECT 1'."
 
     p = add("simulate", cmd_simulate, "run the exchange simulator on loopback")
     p.add_argument("--host", default="127.0.0.1")
@@ -726,7 +727,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the program; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on: list[str] = []
+    if "psql" in argv:  # what follows is psql's, options included
+        at = argv.index("psql")
+        argv, passed_on = argv[: at + 1], argv[at + 1 :]
     args = build_parser().parse_args(argv)
+    if passed_on:
+        args.psql_args = passed_on
     debug = getattr(args, "debug", False)
     try:
         settings = from_env(environment(), demo=getattr(args, "demo", False), cwd=Path.cwd())

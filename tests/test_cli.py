@@ -217,24 +217,140 @@ def test_an_interrupted_backfill_commits_stops_and_resumes(db, tmp_path, live_si
     import signal
 
     live_simulator.app.faults.latency = 0.05
-    args = [
-        "backfill",
-        "--since",
-        "2026-09-01",
-        "--until",
-        "2026-11-21",
-        "--window",
-        "2d",
-        "--concurrency",
-        "2",
-    ]
+    args = ["backfill", "--since", "2026-09-01", "--window", "2d", "--concurrency", "2"]
     proc = spawn(args, live_simulator.env)
-    wait_until(lambda: count(db, "SELECT count(*) FROM orders") > 0)
+    wait_until(  # at least one window done, so that there is something to resume
+        lambda: count(db, "SELECT count(*) FROM sync_state WHERE stream = 'orders:backfill'") > 0
+    )
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
     live_simulator.app.faults.latency = 0
-    resumed = run(args, live_simulator.env, tmp_path)
+    resumed = run(args, live_simulator.env, tmp_path)  # no --until: "now" has moved on
     assert resumed.returncode == 0, resumed.stderr
+    assert "backfill resumes:" in resumed.stderr
+    assert "backfill: " in resumed.stderr and "ETA" in resumed.stderr  # plain progress lines
     assert_table_equals_truth(db, exchange)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["daemon", "--orders-every", "0s"], {}, "--orders-every: expected a duration above zero"),
+        (["daemon", "--queue-every", "-5s"], {}, "--queue-every"),
+        (["backfill", "--since", "2026-01-01", "--window", "0s"], {}, "--window"),
+        (["backfill", "--since", "2026-01-01", "--window", "-1d"], {}, "--window"),
+        (["simulate", "--port", "99999"], {}, "--port: expected a value from 0 to 65535"),
+        (["simulate", "--orders", "-5"], {}, "--orders"),
+        (["backfill", "--since", "1738324800000"], {}, "looks like milliseconds"),
+        (["status"], {"KALSHI_API_BASE": "https://api.elections.kalshi.com"}, "/trade-api/v2"),
+        (["status"], {"DATABASE_URL": "postgresql://u@localhost:abc/db"}, "port 'abc'"),
+    ],
+)
+def test_bad_values_are_one_line_and_exit_2(tmp_path, key_file, args, env, needle):
+    full = {
+        **base_env(tmp_path),
+        "DATABASE_URL": "postgresql://u@127.0.0.1:9/nowhere",
+        "KALSHI_API_KEY_ID": "k",
+        "KALSHI_PRIVATE_KEY_PATH": str(key_file),
+        **env,
+    }
+    assert_one_line_error(run(args, full, tmp_path), 2, needle)
+
+
+def test_an_unreachable_api_is_reported_once_and_fast(
+    tmp_path, key_file, private_key, database_url
+):
+    from etl.simulator.keys import key_id
+
+    env = {
+        **base_env(tmp_path),
+        "DATABASE_URL": database_url,
+        "KALSHI_API_BASE": "http://127.0.0.1:9/trade-api/v2",
+        "KALSHI_API_KEY_ID": key_id(private_key),
+        "KALSHI_PRIVATE_KEY_PATH": str(key_file),
+    }
+    started = time.monotonic()
+    result = run(["sync"], env, tmp_path)
+    assert result.returncode == 1 and time.monotonic() - started < 8
+    failures = [line for line in result.stderr.splitlines() if "sync failed:" in line]
+    assert len(failures) == 1 and "orders sync failed" in failures[0]
+    assert "queue positions not tried: the API cannot be reached" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_exits_1_when_a_stream_failed_or_is_older_than_max_age(db, tmp_path, live_simulator):
+    env = live_simulator.env
+    assert run(["sync"], env, tmp_path).returncode == 0
+    healthy = run(["status", "--max-age", "1h"], env, tmp_path)
+    assert healthy.returncode == 0 and "health      ok" in healthy.stdout
+    stale = run(["status", "--max-age", "1ms"], env, tmp_path)
+    assert stale.returncode == 1 and "no successful run for" in stale.stdout
+    down = {**env, "KALSHI_API_BASE": "http://127.0.0.1:9/trade-api/v2"}
+    assert run(["sync", "--no-queue"], down, tmp_path).returncode == 1
+    failed = run(["status"], env, tmp_path)
+    assert failed.returncode == 1
+    assert "UNHEALTHY: orders (account" in failed.stdout and "failed: cannot reach" in failed.stdout
+    assert "database    " in failed.stdout and "kalshi-etl psql" in failed.stdout
+
+
+def test_psql_opens_the_database(db, tmp_path, live_simulator):
+    assert run(["sync"], live_simulator.env, tmp_path).returncode == 0
+    result = run(["psql", "-At", "-c", "SELECT count(*) > 0 FROM orders"], live_simulator.env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "t"
+
+
+def test_sigterm_ends_a_daemon_stuck_on_a_silent_api_within_10_seconds(tmp_path, database_url):
+    import signal
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    port = silent.getsockname()[1]
+    key = load_or_create(tmp_path / "key.pem")
+    from etl.simulator.keys import key_id
+
+    env = {
+        **base_env(tmp_path),
+        "DATABASE_URL": database_url,
+        "KALSHI_API_BASE": f"http://127.0.0.1:{port}/trade-api/v2",
+        "KALSHI_API_KEY_ID": key_id(key),
+        "KALSHI_PRIVATE_KEY_PATH": str(tmp_path / "key.pem"),
+    }
+    proc = spawn(["daemon"], env)
+    try:
+        silent.settimeout(30)
+        conn, _ = silent.accept()  # the orders job is now waiting on its request
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=15)
+        assert time.monotonic() - started < 10
+        assert proc.returncode == 0, stderr
+        assert "did not finish within" in stderr and "Traceback" not in stderr
+        conn.close()
+    finally:
+        proc.kill()
+        silent.close()
+
+
+def test_the_demo_ignores_credentials_in_dotenv_and_recovers_from_its_leftovers(
+    db, tmp_path, database_url
+):
+    from etl.db.state import write_state
+
+    with db.begin() as conn:  # a `kalshi-etl simulate` account synced by an earlier try
+        write_state(conn, "sim-0000-left-over", "orders", watermark=None)
+    (tmp_path / ".env").write_text(  # what `kalshi-etl simulate > .env` leaves
+        "KALSHI_API_BASE=http://127.0.0.1:9/trade-api/v2\n"
+        "KALSHI_API_KEY_ID=sim-gone\n"
+        f"KALSHI_PRIVATE_KEY_PATH={tmp_path / 'gone.pem'}\n"
+    )
+    result = run(
+        ["demo", "--cycles", "1"], {**base_env(tmp_path), "DATABASE_URL": database_url}, tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ignoring the Kalshi credentials in ./.env" in result.stdout
+    assert "demo: API       the built-in simulator at http://127.0.0.1:" in result.stdout
+    assert "demo: database  " in result.stdout
+    assert "every one up to date" in result.stdout

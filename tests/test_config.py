@@ -126,3 +126,10 @@ def test_secrets_stay_out_of_the_settings_repr():
         {"DATABASE_URL": "postgresql://u:hunter2@h/d", "KALSHI_PRIVATE_KEY": "-----BEGIN x"}
     )
     assert "hunter2" not in repr(settings) and "BEGIN" not in repr(settings)
+
+
+def test_the_cli_finds_the_home_make_demo_left_in_the_working_directory(tmp_path):
+    (tmp_path / ".kalshi-etl" / "pgdata").mkdir(parents=True)
+    assert from_env({}, cwd=tmp_path).home == tmp_path / ".kalshi-etl"
+    assert from_env({}, cwd=tmp_path / "elsewhere").home == Path("~/.kalshi-etl").expanduser()
+    assert from_env({"KALSHI_ETL_HOME": "/x"}, cwd=tmp_path).home == Path("/x")

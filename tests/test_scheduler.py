@@ -3,6 +3,7 @@ finishes the page in flight, commits and exits 0."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from datetime import timedelta
@@ -39,6 +40,20 @@ def test_jobs_run_on_their_intervals_and_a_failing_job_does_not_stop_the_daemon(
     )
     assert code == 0
     assert calls["fast"] >= 3 and calls["failing"] >= 3 and calls["busy"] >= 3
+
+
+def test_a_job_failure_is_one_log_line_without_a_traceback(caplog):
+    stop = threading.Event()
+
+    def broken(_stop: threading.Event) -> None:
+        stop.set()
+        raise RuntimeError("the database went away")
+
+    with caplog.at_level(logging.INFO):
+        run_daemon({"broken": (broken, timedelta(seconds=1))}, stop=stop, install_signals=False)
+    failures = [r for r in caplog.records if "broken failed" in r.getMessage()]
+    assert len(failures) == 1 and not failures[0].exc_info
+    assert "RuntimeError: the database went away" in failures[0].getMessage()
 
 
 @pytest.mark.slow

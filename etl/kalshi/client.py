@@ -85,8 +85,10 @@ class TokenBucket:
         now = self._clock()
         self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
         self._last = now
-        if self._tokens >= cost:
-            self._tokens -= cost
+        # A hair of tolerance: after sleeping exactly the wait computed below, float rounding
+        # can leave the tokens a trillionth short, and waiting that long moves no clock.
+        if self._tokens >= cost - 1e-9:
+            self._tokens = max(0.0, self._tokens - cost)
             return 0.0
         return (cost - self._tokens) / self.rate
 

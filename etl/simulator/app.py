@@ -186,7 +186,8 @@ class SimulatorApp:
                 event_ticker=query.get("event_ticker") or None,
                 subaccount=_int_param(query, "subaccount"),
             )
-            return {"queue_positions": positions or None}
+            # The 2025 API sent null for none; the 2026 SDK requires a list.
+            return {"queue_positions": positions or ([] if ex.api == "2026" else None)}
         if route == "/historical/cutoff":
             cutoff = ex.cutoff()
             if cutoff is None:

@@ -14,7 +14,7 @@ import bisect
 import itertools
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -89,8 +89,9 @@ class SimOrder:
             "taker_fill_cost_dollars": f"{Decimal(self.taker_fill_cost) / 100:.4f}",
             "maker_fill_cost_dollars": f"{Decimal(self.maker_fill_cost) / 100:.4f}",
             "taker_fees_dollars": f"{Decimal(self.taker_fees) / 100:.4f}",
+            # 2025 sent null for a zero maker fee; the 2026 SDK requires a string ("0.0000").
             "maker_fees_dollars": f"{Decimal(self.maker_fees) / 100:.4f}"
-            if self.maker_fees
+            if self.maker_fees or api == "2026"
             else None,
             "expiration_time": rfc3339(self.expiration) if self.expiration else None,
             "created_time": rfc3339(self.created),
@@ -178,6 +179,9 @@ class Exchange:
     events_per_second: float = 2.0
     markets: int = 12
     user_data_lag: timedelta = timedelta(seconds=1)
+    # KALSHI.md leaves open whether /historical/orders without `subaccount` serves every
+    # subaccount or only 0; False plays the second answer.
+    historical_all_subaccounts: bool = True
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -427,6 +431,8 @@ class Exchange:
             raise ApiFault(404, "not_found", "not found")
         if query.status is not None:
             raise ApiFault(400, "invalid_parameters", "historical orders take no status filter")
+        if query.subaccount is None and not self.historical_all_subaccounts:
+            query = replace(query, subaccount=0)
         found, cursor = self._page(query, historical=True)
         return [order.render(self.api) for order in found], cursor
 

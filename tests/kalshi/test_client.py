@@ -4,7 +4,10 @@ token bucket that holds the request rate under its budget."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
+import threading
 import time
 from collections.abc import Callable
 from urllib.parse import parse_qs
@@ -223,26 +226,61 @@ def test_the_user_data_timestamp_is_read(client, exchange):
     assert client.user_data_timestamp() == exchange.user_data_timestamp()
 
 
-def test_the_token_bucket_holds_the_measured_rate_under_its_budget(exchange, private_key):
-    budget = 400.0  # tokens/s; a list call costs 10, so 40 calls/s after a 2 s burst
+class FakeClock:
+    """Monotonic seconds that move only when someone sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_the_client_stays_under_a_server_bucket_of_the_same_budget_despite_jitter(
+    exchange, private_key
+):
+    """Client and server buckets on one fake clock; each request reaches the server 0 to
+    20 ms late (network jitter, alternating), which squeezes the gaps the server sees. The
+    client, empty at start with 1 s of burst, never draws a 429; a client that started full
+    with the server's 2 s burst would, as soon as both buckets ran dry."""
+    budget = 200.0  # Kalshi's Basic tier: a list call costs 10, so 20 calls/s
+    clock = FakeClock()
+    jitter = [0.0]
     server_app = SimulatorApp(
         exchange,
         {key_id(private_key): private_key.public_key()},
         advance=False,
         tokens_per_second=budget,
+        bucket_clock=lambda: clock.now + jitter[0],
     )
-    client = make_client(server_app, private_key, tokens_per_second=budget, sleep=time.sleep)
-    calls = 120
-    started = time.monotonic()
+    answered: list[int] = []
+
+    def transport(request: httpx.Request) -> httpx.Response:
+        jitter[0] = 0.02 if len(answered) % 2 == 0 else 0.0
+        answer = httpx.WSGITransport(app=server_app).handle_request(request)
+        answer.read()
+        answered.append(answer.status_code)
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    client = KalshiClient(
+        BASE,
+        auth=KalshiAuth(key_id(private_key), private_key),
+        transport=mock(transport),
+        tokens_per_second=budget,
+        sleep=clock.sleep,
+        bucket_clock=clock,
+        retry=RetryPolicy(max_attempts=1),
+    )
+    started = clock.now
+    calls = 200
     for _ in range(calls):
         client.queue_positions(market_tickers=["X"])
-    elapsed = time.monotonic() - started
-    burst = 2 * budget
-    # The first 2 s of budget go at once; the rest at the budget's pace.
-    assert elapsed >= (calls * 10 - burst) / budget * 0.95
-    assert calls * 10 <= burst + budget * elapsed + 10
-    # The server, enforcing the same budget, never had to answer 429.
-    assert len(server_app.requests) == calls
+    assert answered == [200] * calls  # not one 429
+    # Empty at start: every token is paid for at the budget's pace.
+    assert clock.now - started >= calls * 10 / budget - 1e-6
 
 
 def test_the_token_bucket_waits_for_tokens_with_a_fake_clock():
@@ -285,15 +323,98 @@ def test_retry_after_accepts_seconds_and_http_dates():
 
 
 @pytest.mark.parametrize("status", [404, 405, 501])
-def test_a_server_without_user_data_timestamp_means_none_without_retrying(private_key, status):
+def test_a_server_without_an_optional_endpoint_means_none_without_retrying(private_key, status):
     calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(1)
         return httpx.Response(status, json={"code": "nope", "message": "not here"})
 
-    assert make_client(mock(handler), private_key).user_data_timestamp() is None
-    assert len(calls) == 1
+    client = make_client(mock(handler), private_key)
+    assert client.user_data_timestamp() is None
+    assert client.historical_cutoff() is None
+    assert list(client.iter_historical_order_pages()) == []
+    assert len(calls) == 3
+
+
+def test_a_page_larger_than_its_limit_is_refused(private_key):
+    handler = lambda r: orders_body([{"order_id": str(i)} for i in range(6)])  # noqa: E731
+    with pytest.raises(ApiProtocolError, match="sent 6 orders for limit 5"):
+        list(make_client(mock(handler), private_key, page_size=5).iter_order_pages())
+
+
+def test_a_page_with_one_record_nested_too_deep_or_a_huge_number_still_decodes(private_key):
+    deep = "[" * 5000 + "]" * 5000
+    body = (
+        '{"orders": [{"order_id": "good"}, {"order_id": "deep", "x": ' + deep + "}, "
+        '{"order_id": "big", "x": ' + "7" * 5000 + '}], "cursor": ""}'
+    ).encode()
+    handler = lambda r: httpx.Response(200, content=body)  # noqa: E731
+    (page,) = make_client(mock(handler), private_key).iter_order_pages()
+    assert [o["order_id"] for o in page.items] == ["good", "deep", "big"]
+    assert page.items[2]["x"] == float("inf")  # the parser rejects it, the page lives
+
+
+def test_a_body_larger_than_the_cap_after_decompression_is_refused(private_key):
+    bomb = gzip.compress(b'{"orders": [], "pad": "' + b"0" * 5_000_000 + b'"}')
+    assert len(bomb) < 10_000
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(bomb)
+        )
+
+    client = make_client(mock(handler), private_key)
+    client.max_response_bytes = 1_000_000
+    with pytest.raises(ApiProtocolError, match="larger than 0 MiB|larger than"):
+        list(client.iter_order_pages())
+    client.max_response_bytes = 10_000_000  # the same body under a larger cap is fine
+    assert list(client.iter_order_pages())[0].items == []
+
+
+def test_a_server_that_trickles_its_answer_hits_the_whole_request_deadline(private_key):
+    """Headers at once, then a byte every 0.2 s: no socket operation ever times out, the
+    request's deadline does."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            listener.settimeout(0.2)
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not stop.is_set():
+                    try:
+                        conn.sendall(b" ")
+                    except OSError:
+                        break
+                    time.sleep(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = KalshiClient(
+        f"http://127.0.0.1:{port}/trade-api/v2",
+        auth=KalshiAuth(key_id(private_key), private_key),
+        tokens_per_second=0,
+        timeout=5.0,
+        deadline=1.0,
+        retry=RetryPolicy(max_attempts=1),
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(ApiTransportError, match="did not finish GET /portfolio/orders within"):
+            list(client.iter_order_pages())
+    finally:
+        stop.set()
+        client.close()
+        listener.close()
+    assert time.monotonic() - started < 3.0
 
 
 def test_the_simulator_refuses_queue_positions_without_markets_or_event(client):

@@ -3,13 +3,22 @@ broken payload into a Rejected value with a precise reason."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from etl.kalshi.parse import Order, QueuePosition, Rejected, parse_order, parse_queue_position
+from etl.kalshi.parse import (
+    Order,
+    QueuePosition,
+    Rejected,
+    parse_order,
+    parse_queue_position,
+    storable_text,
+    storage_problem,
+)
 
 ORDER_2025: dict[str, Any] = {
     "order_id": "ord-2025",
@@ -156,6 +165,18 @@ BROKEN = [
     ({**ORDER_2026, "cancel_order_on_pause": "yes"}, "cancel_order_on_pause: expected true"),
     ({**ORDER_2026, "subaccount_number": 64}, "subaccount_number: must be 0-63"),
     ({**ORDER_2026, "fill_count_fp": "1e30"}, "fill_count_fp: out of range"),
+    # Values that parse but that PostgreSQL would refuse: rejected by the parser, never a page.
+    ({**ORDER_2025, "fill_count": 2**31}, "fill_count: out of range (at most 2147483647)"),
+    ({**ORDER_2025, "fill_count": 10**30}, "fill_count: out of range (at most 2147483647)"),
+    ({**ORDER_2025, "taker_fees": -(2**31) - 1}, "taker_fees: must be >= -2147483648"),
+    ({**ORDER_2026, "exchange_index": 2**40}, "exchange_index: out of range"),
+    ({**ORDER_2026, "order_id": "o" * 3000}, "order_id: longer than 512 characters"),
+    ({**ORDER_2026, "ticker": "T" * 3000}, "ticker: longer than 512 characters"),
+    ({**ORDER_2026, "extra": float("inf")}, "contains the number inf"),
+    ({**ORDER_2026, "extra": float("nan")}, "contains the number nan"),
+    ({**ORDER_2026, "client_order_id": "x\ud800y"}, "lone UTF-16 surrogate"),
+    ({**ORDER_2026, "extra": {"\udc00key": 1}}, "lone UTF-16 surrogate"),
+    ({**ORDER_2026, "extra": json.loads("[" * 100 + "]" * 100)}, "nested deeper than 64 levels"),
 ]
 
 
@@ -164,7 +185,23 @@ def test_a_broken_order_is_rejected_with_its_reason(payload, reason):
     result = parse_order(payload)
     assert isinstance(result, Rejected)
     assert reason in result.reason
-    assert result.raw is payload
+    if storage_problem(payload) is None:
+        assert result.raw is payload
+    else:  # what jsonb cannot hold is kept as escaped JSON text, which text can
+        assert isinstance(result.raw, str) and storage_problem(result.raw) is None
+
+
+def test_an_unstorable_payload_is_kept_as_escaped_text_that_reads_back():
+    payload = {**ORDER_2026, "extra": float("inf"), "note": "a\x00b\ud800"}
+    result = parse_order(payload)
+    assert isinstance(result, Rejected) and isinstance(result.raw, str)
+    assert "Infinity" in result.raw and "\\u0000" in result.raw and "\\ud800" in result.raw
+    assert json.loads(result.raw)["order_id"] == ORDER_2026["order_id"]
+
+
+def test_text_that_postgresql_refuses_is_escaped():
+    assert storable_text("a\x00b\ud800c") == "a\\u0000b\\ud800c"
+    assert storable_text("x" * 10, limit=5) == "xxxx…"
 
 
 def test_a_rejection_names_the_order_when_it_has_an_id():
@@ -200,6 +237,9 @@ def test_queue_positions_of_both_generations_parse(payload, position):
         ({"order_id": "a", "market_ticker": "M"}, "missing required field 'queue_position_fp'"),
         ({"order_id": "a", "market_ticker": "M", "queue_position_fp": "x"}, "expected a decimal"),
         ({"order_id": "a", "market_ticker": "M", "queue_position": -3}, "must be >= 0"),
+        ({"order_id": "a", "market_ticker": "M", "queue_position": 10**17}, "out of range"),
+        ({"order_id": "a", "market_ticker": "M", "queue_position_fp": "1e17"}, "out of range"),
+        ({"order_id": "a", "market_ticker": "M" * 600, "queue_position": 1}, "longer than 512"),
     ],
 )
 def test_broken_queue_positions_are_rejected(payload, reason):

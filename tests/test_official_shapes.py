@@ -1,0 +1,61 @@
+"""The simulator's 2026 answers are valid for the official Kalshi SDK (kalshi-python-sync 3.34,
+installed by the Makefile): every endpoint kalshi-etl reads, parsed by the SDK's own models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kalshi_python_sync.models as models  # installed by the Makefile
+import pytest
+
+from etl.simulator import Exchange, SimulatorApp
+from etl.simulator.keys import key_id
+from tests.fix_exchange import NOW, make_client
+
+
+@pytest.fixture
+def sdk_client(private_key):
+    # Every kind of order: resting, partly filled, executed, canceled, historical, zero fees.
+    exchange = Exchange(seed=11, orders=400, api="2026", now=NOW, events_per_second=0)
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    return exchange, make_client(app, private_key, page_size=200)
+
+
+def test_order_pages_and_historical_pages_are_valid_sdk_responses(sdk_client):
+    exchange, client = sdk_client
+    bodies: list[dict[str, Any]] = []
+    for path in ("portfolio/orders", "historical/orders"):
+        cursor = None
+        while True:
+            params = {"limit": 200, **({"cursor": cursor} if cursor else {})}
+            body = client._get_json(path, params=params)  # noqa: SLF001 - the raw answer
+            bodies.append(body)
+            cursor = body["cursor"]
+            if not cursor:
+                break
+    orders = [models.GetOrdersResponse.from_dict(body).orders for body in bodies]
+    assert sum(len(page) for page in orders) == len(exchange.truth())
+    assert {o.status for page in orders for o in page} >= {"resting", "executed", "canceled"}
+
+
+def test_an_order_by_id_is_a_valid_sdk_response(sdk_client):
+    exchange, client = sdk_client
+    for order_id in exchange.resting_ids()[:20]:
+        body = client._get_json(f"portfolio/orders/{order_id}")  # noqa: SLF001
+        assert models.GetOrderResponse.from_dict(body).order.order_id == order_id
+
+
+def test_queue_positions_cutoff_and_user_data_timestamp_are_valid_sdk_responses(sdk_client):
+    exchange, client = sdk_client
+    body = client._get_json(  # noqa: SLF001
+        "portfolio/orders/queue_positions", params={"market_tickers": ",".join(exchange.tickers)}
+    )
+    assert models.GetOrderQueuePositionsResponse.from_dict(body).queue_positions
+    empty = client._get_json(  # noqa: SLF001
+        "portfolio/orders/queue_positions", params={"market_tickers": "NO-SUCH-MARKET"}
+    )
+    assert models.GetOrderQueuePositionsResponse.from_dict(empty).queue_positions == []
+    cutoff = client._get_json("historical/cutoff")  # noqa: SLF001
+    assert models.GetHistoricalCutoffResponse.from_dict(cutoff).orders_updated_ts is not None
+    stamp = client._get_json("exchange/user_data_timestamp")  # noqa: SLF001
+    assert models.GetUserDataTimestampResponse.from_dict(stamp).as_of_time is not None
