@@ -29,7 +29,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from etl import __version__
-from etl.config import Settings, environment, from_env, parse_duration, parse_time
+from etl.config import (
+    Settings,
+    default_home,
+    environment,
+    from_env,
+    parse_duration,
+    parse_time,
+)
 from etl.db import migrations
 from etl.db.engine import (
     connection,
@@ -111,9 +118,7 @@ def database_lines(settings: Settings, engine: Engine) -> list[str]:
     if settings.database_url:
         return [f"database    {mask(engine.url)} (open it: kalshi-etl psql)"]
     home = settings.home.resolve()
-    hint = (
-        "" if home == Path("~/.kalshi-etl").expanduser().resolve() else (f"KALSHI_ETL_HOME={home} ")
-    )
+    hint = "" if home == default_home(Path.cwd()).resolve() else f"KALSHI_ETL_HOME={home} "
     return [
         f"database    embedded PostgreSQL in {home / 'pgdata'}",
         f"            open it with: {hint}kalshi-etl psql   (or any client: "

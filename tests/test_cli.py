@@ -105,24 +105,6 @@ def test_an_unreachable_database_is_one_line_exit_2_with_the_password_masked(tmp
     assert "hunter2" not in result.stderr
 
 
-def test_an_unreachable_api_fails_the_sync_with_exit_1(
-    tmp_path, key_file, private_key, database_url
-):
-    from etl.simulator.keys import key_id
-
-    env = {
-        **base_env(tmp_path),
-        "DATABASE_URL": database_url,
-        "KALSHI_API_BASE": "http://127.0.0.1:9/trade-api/v2",
-        "KALSHI_API_KEY_ID": key_id(private_key),
-        "KALSHI_PRIVATE_KEY_PATH": str(key_file),
-    }
-    result = run(["sync", "--no-queue"], env, tmp_path)
-    assert result.returncode == 1
-    assert "cannot reach the Kalshi API at 127.0.0.1" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_a_wrong_key_is_exit_2_with_the_api_message(tmp_path, live_simulator, database_url):
     other = load_or_create(tmp_path / "other.pem")
     env = {**live_simulator.env, "KALSHI_PRIVATE_KEY_PATH": str(tmp_path / "other.pem")}
@@ -276,6 +258,7 @@ def test_an_unreachable_api_is_reported_once_and_fast(
     assert result.returncode == 1 and time.monotonic() - started < 8
     failures = [line for line in result.stderr.splitlines() if "sync failed:" in line]
     assert len(failures) == 1 and "orders sync failed" in failures[0]
+    assert "cannot reach the Kalshi API at 127.0.0.1" in failures[0]
     assert "queue positions not tried: the API cannot be reached" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -142,7 +142,12 @@ _OUTAGES = (
 
 
 def _lost(engine: Engine, exc: BaseException) -> DatabaseError:
-    return DatabaseError(f"lost the database at {mask(engine.url)}: {_first_line(exc)}")
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None)
+    # No SQLSTATE, class 08 (connection) or 57P (shutdown): the server or the link went away.
+    gone = state is None or state.startswith(("08", "57P"))
+    what = "lost the database" if gone else "the database failed"
+    return DatabaseError(f"{what} at {mask(engine.url)}: {_first_line(exc)}")
 
 
 @contextlib.contextmanager

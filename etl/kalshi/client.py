@@ -173,7 +173,7 @@ def error_details(body: str) -> tuple[str | None, str | None]:
     ``{"error": "text"}``; (None, a snippet) when the body is not such JSON."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         snippet = " ".join(body.split())[:200]
         return None, snippet or None
     if isinstance(data, dict):
@@ -204,7 +204,8 @@ def decode_json(content: bytes) -> Any:
     try:
         return json.loads(content)
     except (RecursionError, ValueError):
-        pass
+        if content.lstrip()[:1] not in (b"{", b"["):  # not JSON at all (an HTML error page)
+            raise ValueError("not JSON") from None
     outcome: dict[str, Any] = {}
 
     def decode() -> None:

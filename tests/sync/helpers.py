@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from etl.kalshi.client import KalshiClient
 from etl.simulator import Exchange
+from etl.sync.orders import SyncResult, backfill_orders
+
+ACCOUNT = "acct"
+
+
+def backfill_history(
+    db: Engine, client: KalshiClient, exchange: Exchange, **options: Any
+) -> SyncResult:
+    """Backfill the exchange's whole history (70 days) in 7-day windows."""
+    return backfill_orders(
+        db,
+        client,
+        account=ACCOUNT,
+        since=exchange.now - timedelta(days=70),
+        until=exchange.now + timedelta(seconds=1),
+        window=timedelta(days=7),
+        **options,
+    )
 
 
 def stored_orders(engine: Engine) -> dict[str, dict[str, Any]]:

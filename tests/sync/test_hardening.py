@@ -24,7 +24,13 @@ from etl.sync.queue import poll_queue_positions
 from etl.sync.run import UNRECORDED, recorded_run
 from tests.fix_exchange import NOW, make_client, rewriting, wait_until
 from tests.proxy import DatabaseProxy
-from tests.sync.helpers import assert_table_equals_truth, count, runs, stored_orders
+from tests.sync.helpers import (
+    assert_table_equals_truth,
+    backfill_history,
+    count,
+    runs,
+    stored_orders,
+)
 
 ACCOUNT = "acct"
 
@@ -296,15 +302,7 @@ def test_a_backfill_and_a_sync_of_one_account_never_write_at_the_same_time(
 
     def backfill() -> None:
         try:
-            backfill_orders(
-                db,
-                client,
-                account=ACCOUNT,
-                since=exchange.now - timedelta(days=70),
-                until=exchange.now + timedelta(seconds=1),
-                window=timedelta(days=7),
-                concurrency=1,
-            )
+            backfill_history(db, client, exchange, concurrency=1)
         finally:
             done.set()
 
@@ -341,16 +339,7 @@ def test_a_backfill_rerun_with_a_later_until_reuses_the_windows_done(db, client,
 
 def test_backfill_progress_is_reported_per_page_before_the_end(db, client, exchange):
     events: list[BackfillProgress] = []
-    backfill_orders(
-        db,
-        client,
-        account=ACCOUNT,
-        since=exchange.now - timedelta(days=70),
-        until=exchange.now + timedelta(seconds=1),
-        window=timedelta(days=7),
-        concurrency=2,
-        on_progress=events.append,
-    )
+    backfill_history(db, client, exchange, concurrency=2, on_progress=events.append)
     total = events[-1].windows_total
     assert events[-1].windows_done == total
     assert any(0 < e.windows_done < total for e in events)  # not 0/N until the very end

@@ -15,9 +15,15 @@ from etl.db.state import StreamState, read_state, write_state
 from etl.errors import ApiProtocolError, ApiStatusError, StopRequested
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
-from etl.sync.orders import backfill_orders, sync_orders
+from etl.sync.orders import sync_orders
 from tests.fix_exchange import CLI, NOW, make_client, rewriting, spawn, wait_until
-from tests.sync.helpers import assert_table_equals_truth, count, runs, stored_orders
+from tests.sync.helpers import (
+    assert_table_equals_truth,
+    backfill_history,
+    count,
+    runs,
+    stored_orders,
+)
 
 ACCOUNT = "acct"
 
@@ -32,17 +38,7 @@ def sync(db, client, **kwargs):
 
 
 def backfill(db, client, exchange, *, concurrency: int):
-    """Backfill the exchange's whole history (70 days) in 7-day windows."""
-    since, until = exchange.now - timedelta(days=70), exchange.now + timedelta(seconds=1)
-    return backfill_orders(
-        db,
-        client,
-        account=ACCOUNT,
-        since=since,
-        until=until,
-        window=timedelta(days=7),
-        concurrency=concurrency,
-    )
+    return backfill_history(db, client, exchange, concurrency=concurrency)
 
 
 def test_the_first_sync_loads_every_order_of_both_tiers(db, client, exchange):
