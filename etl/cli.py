@@ -121,8 +121,8 @@ def database_lines(settings: Settings, engine: Engine) -> list[str]:
     hint = "" if home == default_home(Path.cwd()).resolve() else f"KALSHI_ETL_HOME={home} "
     return [
         f"database    embedded PostgreSQL in {home / 'pgdata'}",
-        f"            open it with: {hint}kalshi-etl psql   (or any client: "
-        f"{libpq_url(engine.url)})",
+        f"            open it with: {hint}kalshi-etl psql   (the embedded server runs while a "
+        f"kalshi-etl command does; meanwhile any client can use {libpq_url(engine.url)})",
     ]
 
 
