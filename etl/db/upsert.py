@@ -6,7 +6,7 @@ by a newer ``last_update_time``, or an equal one with different content, so a re
 nothing (no dead tuples). Rejected payloads are inserted into ``rejected_records``.
 
 The parser screens every value against its column, so PostgreSQL should refuse nothing; as a
-safety net, :func:`isolate` writes a batch that failed on its data again one record at a time
+safety net, :func:`refusal_safe` writes a batch that failed on its data again one record at a time
 (a savepoint each), so that only the records PostgreSQL refuses become rejected records.
 """
 
@@ -192,13 +192,17 @@ def is_record_error(exc: BaseException) -> bool:
     )
 
 
-def isolate(
+def write_records(
     conn: Connection,
     records: Sequence[R],
     write: Callable[[Connection, Sequence[R]], Counts],
+    *,
+    one_by_one: bool,
 ) -> tuple[Counts, list[Rejected]]:
-    """Write ``records`` one by one, each in a savepoint: the ones PostgreSQL refuses come
-    back as :class:`Rejected` (payload as escaped text), the others are written."""
+    """Write ``records`` with ``write``: all at once, or, ``one_by_one``, each in a savepoint,
+    the ones PostgreSQL refuses coming back as :class:`Rejected` (payload as escaped text)."""
+    if not one_by_one:
+        return write(conn, records), []
     counts = Counts()
     refused: list[Rejected] = []
     for record in records:
@@ -214,6 +218,21 @@ def isolate(
             log.warning("order %s: %s", record.order_id, reason)
             refused.append(Rejected(reason, escaped_text(record.raw)))
     return counts, refused
+
+
+T = TypeVar("T")
+
+
+def refusal_safe(attempt: Callable[[bool], T], *, what: str) -> T:
+    """``attempt(False)``; when PostgreSQL refuses it on its data, ``attempt(True)``: the
+    same write one record at a time, so that only the refused records are set aside."""
+    try:
+        return attempt(False)
+    except Exception as exc:
+        if not is_record_error(exc):
+            raise
+        log.warning("PostgreSQL refused %s (%s); writing it record by record", what, exc)
+    return attempt(True)
 
 
 _SNAPSHOT_SQL = sa.text(

@@ -52,7 +52,13 @@ from etl.db.state import (
     read_state,
     write_state,
 )
-from etl.db.upsert import Counts, insert_rejected, is_record_error, isolate, upsert_orders
+from etl.db.upsert import (
+    Counts,
+    insert_rejected,
+    refusal_safe,
+    upsert_orders,
+    write_records,
+)
 from etl.errors import ApiError, ApiProtocolError, ApiStatusError
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
@@ -154,13 +160,11 @@ def write_page(
     bad = [p for p in parsed if isinstance(p, Rejected)]
     for rejected in bad:
         log.warning("rejected an order record: %s", rejected.reason)
-    try:
-        return _write(run, good, bad, checkpoint, careful=False), good
-    except Exception as exc:
-        if not is_record_error(exc):
-            raise
-        log.warning("PostgreSQL refused a page (%s); writing it record by record", exc)
-    return _write(run, good, bad, checkpoint, careful=True), good
+    counts = refusal_safe(
+        lambda one_by_one: _write(run, good, bad, checkpoint, one_by_one=one_by_one),
+        what="a page",
+    )
+    return counts, good
 
 
 def _write(
@@ -169,16 +173,16 @@ def _write(
     bad: Sequence[Rejected],
     checkpoint: Checkpoint | None,
     *,
-    careful: bool,
+    one_by_one: bool,
 ) -> Counts:
     now = run.clock()
     with run.transaction() as conn:
-        if careful:
-            written, refused = isolate(
-                conn, good, lambda c, batch: upsert_orders(c, batch, synced_at=now)
-            )
-        else:
-            written, refused = upsert_orders(conn, good, synced_at=now), []
+        written, refused = write_records(
+            conn,
+            good,
+            lambda c, batch: upsert_orders(c, batch, synced_at=now),
+            one_by_one=one_by_one,
+        )
         rejected = insert_rejected(
             conn, [*bad, *refused], stream=STREAM, account=run.account, received_at=now
         )

@@ -20,7 +20,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from etl.db.engine import connection
 from etl.db.state import add_to_run, open_orders, write_state
-from etl.db.upsert import Counts, insert_rejected, insert_snapshots, is_record_error, isolate
+from etl.db.upsert import (
+    Counts,
+    insert_rejected,
+    insert_snapshots,
+    refusal_safe,
+    write_records,
+)
 from etl.kalshi.client import KalshiClient
 from etl.kalshi.parse import QueuePosition, Rejected, parse_queue_position
 from etl.sync.orders import SyncResult
@@ -61,13 +67,12 @@ def poll_queue_positions(
         good = [p for p in parsed if isinstance(p, QueuePosition)]
         bad = [p for p in parsed if isinstance(p, Rejected)]
         captured_at = run.clock().astimezone(UTC)
-        try:
-            counts = _write(run, good, bad, captured_at=captured_at, careful=False)
-        except Exception as exc:
-            if not is_record_error(exc):
-                raise
-            log.warning("PostgreSQL refused the poll (%s); writing it entry by entry", exc)
-            counts = _write(run, good, bad, captured_at=captured_at, careful=True)
+        counts = refusal_safe(
+            lambda one_by_one: _write(
+                run, good, bad, captured_at=captured_at, one_by_one=one_by_one
+            ),
+            what="the poll",
+        )
     log.info(
         "queue positions run %d: %d polled for %d open orders, %d changed, %d rejected",
         run.run_id,
@@ -85,17 +90,14 @@ def _write(
     bad: Sequence[Rejected],
     *,
     captured_at: datetime,
-    careful: bool,
+    one_by_one: bool,
 ) -> Counts:
     with run.transaction() as conn:
 
         def write(c: Connection, batch: Sequence[QueuePosition]) -> Counts:
             return insert_snapshots(c, batch, captured_at=captured_at)
 
-        if careful:
-            written, refused = isolate(conn, good, write)
-        else:
-            written, refused = write(conn, good), []
+        written, refused = write_records(conn, good, write, one_by_one=one_by_one)
         rejected = insert_rejected(
             conn,
             [*bad, *refused],
