@@ -73,14 +73,34 @@ class _TextFormatter(logging.Formatter):
         return _redact(super().format(record))
 
 
+# What every LogRecord has; anything else on a record came as `extra=` and is a field.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, then the structured fields a
+    call passed as ``extra`` (``stream``, ``account``, ``run_id``, counts, ``duration_ms``,
+    ``error``)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": _redact(record.getMessage()),
         }
+        for key, value in record.__dict__.items():
+            if key in _STANDARD or key.startswith("_") or key in entry:
+                continue
+            if isinstance(value, str):
+                value = _redact(value)
+            elif not isinstance(value, int | float | bool | type(None)):
+                value = _redact(str(value))
+            entry[key] = value
         if record.exc_info:
             entry["exception"] = _redact(self.formatException(record.exc_info))
         return json.dumps(entry)
@@ -97,8 +117,11 @@ def setup_logging(fmt: str, *, debug: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("httpx", "httpcore", "apscheduler", "alembic", "pgserver"):
+    for noisy in ("httpx", "httpcore", "alembic", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # "skipped: maximum number of running instances reached" each interval of a long run is
+    # noise: a late run is coalesced by design.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 # -- wiring -------------------------------------------------------------------------------------
@@ -327,6 +350,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.health import Liveness, OperatorServer, Readiness
     from etl.scheduler import run_daemon
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
@@ -335,36 +359,64 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     client = open_client(settings, cancel=stop)
     account = account_of(settings)
     engine = open_engine(settings, migrate=True)
+    port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    liveness = Liveness()
+    server = None
+    if port is not None:
+        readiness = Readiness(
+            engine, account, {"orders": args.orders_every, "queue_positions": args.queue_every}
+        )
+        server = OperatorServer(args.metrics_host, port, liveness=liveness, readiness=readiness)
+        server.start()
     log.info("daemon for account %s on %s; Ctrl-C or SIGTERM stops it", account, settings.api_base)
 
     def exit_now() -> None:
         logging.shutdown()
         os._exit(0)
 
-    with client:
-        return run_daemon(
-            {
-                "orders": (
-                    lambda stop: sync_orders(
-                        engine,
-                        client,
-                        account=account,
-                        lookback=settings.lookback,
-                        lock_wait=0,
-                        stop=stop,
+    try:
+        with client:
+            return run_daemon(
+                {
+                    "orders": (
+                        lambda stop: sync_orders(
+                            engine,
+                            client,
+                            account=account,
+                            lookback=settings.lookback,
+                            lock_wait=0,
+                            stop=stop,
+                        ),
+                        args.orders_every,
                     ),
-                    args.orders_every,
-                ),
-                "queue_positions": (
-                    lambda stop: poll_queue_positions(
-                        engine, client, account=account, lock_wait=0, stop=stop
+                    "queue_positions": (
+                        lambda stop: poll_queue_positions(
+                            engine, client, account=account, lock_wait=0, stop=stop
+                        ),
+                        args.queue_every,
                     ),
-                    args.queue_every,
-                ),
-            },
-            stop=stop,
-            on_stuck=exit_now,
-        )
+                },
+                stop=stop,
+                on_stuck=exit_now,
+                on_tick=liveness.beat,
+            )
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.db.retention import prune_snapshots
+
+    engine = open_engine(settings, migrate=True)
+    cutoff = datetime.now(UTC) - args.snapshots_older_than
+    result = prune_snapshots(engine, older_than=cutoff)
+    print(
+        f"pruned {result.deleted} queue-position snapshot(s) captured before "
+        f"{cutoff.isoformat(timespec='seconds')} in {result.batches} batch(es); each order's "
+        f"latest row is kept ({result.kept_old} of them older than that)"
+    )
+    return 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -665,6 +717,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration,
         default="10s",
         help="queue-position poll interval (default 10s)",
+    )
+
+    p.add_argument(
+        "--metrics-port",
+        type=_number(int, 0, 65535),
+        default=None,
+        help="serve /metrics, /healthz and /readyz on this port (default: "
+        "KALSHI_ETL_METRICS_PORT, else off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 in a container)",
+    )
+
+    p = add(
+        "prune",
+        cmd_prune,
+        "delete old queue-position snapshots in batches, keeping each order's latest row",
+    )
+    p.add_argument(
+        "--snapshots-older-than",
+        type=_duration,
+        required=True,
+        metavar="D",
+        help="age of the snapshots to delete, e.g. 90d",
     )
 
     p = add("status", cmd_status, "watermarks, last runs, row counts and health")

@@ -36,9 +36,10 @@ class Settings:
     private_key_path: Path | None = None
     private_key_pem: str | None = field(default=None, repr=False)
     read_tokens_per_second: float = 200.0
-    page_size: int = 200
+    page_size: int | Literal["auto"] = "auto"
     lookback: timedelta = timedelta(minutes=5)
     log_format: LogFormat = "text"
+    metrics_port: int | None = None
 
     @property
     def has_credentials(self) -> bool:
@@ -178,12 +179,23 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def _page_size(env: Mapping[str, str]) -> int:
-    raw = env.get("KALSHI_PAGE_SIZE", "").strip()
-    if not raw:
-        return 200
+def _page_size(env: Mapping[str, str]) -> int | Literal["auto"]:
+    raw = env.get("KALSHI_PAGE_SIZE", "").strip().lower()
+    if not raw or raw == "auto":
+        return "auto"
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise ConfigError(f"KALSHI_PAGE_SIZE: expected an integer from 1 to 1000, got {raw!r}")
+        raise ConfigError(
+            f"KALSHI_PAGE_SIZE: expected auto or an integer from 1 to 1000, got {raw!r}"
+        )
+    return int(raw)
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ConfigError(f"{name}: expected a TCP port from 0 to 65535, got {raw!r}")
     return int(raw)
 
 
@@ -247,4 +259,5 @@ def from_env(env: Mapping[str, str], *, demo: bool = False, cwd: Path | None = N
         page_size=_page_size(env),
         lookback=parse_duration(get("KALSHI_ETL_LOOKBACK") or "5m", name="KALSHI_ETL_LOOKBACK"),
         log_format=log_format,  # type: ignore[arg-type]
+        metrics_port=_port(env, "KALSHI_ETL_METRICS_PORT"),
     )

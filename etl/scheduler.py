@@ -57,11 +57,11 @@ def _guarded(name: str, job: Job, stop: threading.Event, running: _Running) -> C
             try:
                 job(stop)
             except LockBusyError as exc:
-                log.info("%s skipped: %s", name, exc)
+                log.info("%s skipped: %s", name, exc, extra={"stream": name})
             except StopRequested:
                 log.info("%s stopped after committing its page in flight", name)
             except EtlError as exc:
-                log.error("%s failed: %s", name, exc)
+                log.error("%s failed: %s", name, exc, extra={"stream": name, "error": str(exc)})
             except Exception as exc:
                 log.error(
                     "%s failed unexpectedly: %s: %s (a bug: please report it; --debug shows "
@@ -70,6 +70,7 @@ def _guarded(name: str, job: Job, stop: threading.Event, running: _Running) -> C
                     type(exc).__name__,
                     exc,
                     exc_info=log.isEnabledFor(logging.DEBUG),
+                    extra={"stream": name, "error": f"{type(exc).__name__}: {exc}"},
                 )
 
     return run
@@ -82,8 +83,10 @@ def run_daemon(
     install_signals: bool = True,
     grace: float = 8.0,
     on_stuck: Callable[[], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> int:
     """Run ``jobs`` (name → (job, interval)) until ``stop`` is set or a signal arrives.
+    ``on_tick`` is called every half second while the scheduler runs (a liveness beat).
 
     Returns:
         0 once every running job has ended (or, after ``grace`` seconds, been left behind).
@@ -119,9 +122,12 @@ def run_daemon(
         )
         log.info("scheduled %s every %s", name, every)
     scheduler.start()
+    if on_tick is not None:
+        on_tick()
     try:
         while not stop.wait(0.5):
-            pass
+            if on_tick is not None and scheduler.running:
+                on_tick()
     finally:
         stop.set()
         scheduler.shutdown(wait=False)

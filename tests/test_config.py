@@ -25,11 +25,18 @@ def test_defaults_follow_the_contract():
     assert settings.database_url is None
     assert settings.api_base == PRODUCTION_API_BASE
     assert settings.read_tokens_per_second == 200
-    assert settings.page_size == 200
+    assert settings.page_size == "auto"
+    assert settings.metrics_port is None
     assert settings.lookback == timedelta(minutes=5)
     assert settings.log_format == "text"
     assert settings.home == Path("~/.kalshi-etl").expanduser()
     assert not settings.has_credentials
+
+
+def test_page_size_is_auto_or_a_number_and_the_metrics_port_a_port():
+    assert from_env({"KALSHI_PAGE_SIZE": "AUTO"}).page_size == "auto"
+    assert from_env({"KALSHI_PAGE_SIZE": "200"}).page_size == 200
+    assert from_env({"KALSHI_ETL_METRICS_PORT": "9464"}).metrics_port == 9464
 
 
 def test_demo_targets_the_demo_environment():
@@ -75,8 +82,13 @@ def test_times(text, expected):
     ("env", "message"),
     [
         ({"KALSHI_ETL_LOOKBACK": "5 minutes"}, "KALSHI_ETL_LOOKBACK: expected a duration"),
-        ({"KALSHI_PAGE_SIZE": "5000"}, "KALSHI_PAGE_SIZE: expected an integer from 1 to 1000"),
+        (
+            {"KALSHI_PAGE_SIZE": "5000"},
+            "KALSHI_PAGE_SIZE: expected auto or an integer from 1 to 1000",
+        ),
         ({"KALSHI_PAGE_SIZE": "ten"}, "KALSHI_PAGE_SIZE"),
+        ({"KALSHI_ETL_METRICS_PORT": "http"}, "KALSHI_ETL_METRICS_PORT: expected a TCP port"),
+        ({"KALSHI_ETL_METRICS_PORT": "70000"}, "KALSHI_ETL_METRICS_PORT"),
         (
             {"KALSHI_READ_TOKENS_PER_SECOND": "fast"},
             "KALSHI_READ_TOKENS_PER_SECOND: expected a number",

@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import httpx
 
+from etl import metrics
 from etl.errors import ApiProtocolError, ApiStatusError, ApiTransportError, StopRequested
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ OrderStatus = Literal["resting", "canceled", "executed"]
 LIST_COST = 10
 SINGLE_COST = 2
 QUEUE_TICKERS_PER_CALL = 50
+# `KALSHI_PAGE_SIZE=auto`: today's largest page, and the 2025 limit a server that refuses it
+# gets for the rest of the process.
+AUTO_PAGE_SIZE = 1000
+FALLBACK_PAGE_SIZE = 200
+PageSize = int | Literal["auto"]
 _RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # Answers that mean "this server does not have that endpoint", never worth a retry.
 NOT_SERVED = frozenset({404, 405, 501})
@@ -109,6 +115,7 @@ class TokenBucket:
                 wait = self._take(cost)
             if wait == 0.0:
                 return
+            metrics.rate_limit_wait(wait)
             self._sleep(wait)
 
 
@@ -142,6 +149,15 @@ class Page:
 
 
 @dataclass(frozen=True)
+class QueuePositions:
+    """The raw entries of a queue-positions answer, and the server's clock when it answered
+    (its ``Date`` header, whole seconds; ``None`` when it sent none)."""
+
+    items: list[Any]
+    server_time: datetime | None
+
+
+@dataclass(frozen=True)
 class HistoricalCutoff:
     """``GET /historical/cutoff``: final orders last changed before ``orders_updated_ts`` are
     served only by the historical tier."""
@@ -159,13 +175,21 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return max(0.0, float(value))
     except ValueError:
         pass
+    when = _http_date(value)
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _http_date(value: str | None) -> datetime | None:
+    """An HTTP ``Date`` header as a UTC time; ``None`` when absent or unreadable."""
+    if not value:
+        return None
     try:
-        when = email.utils.parsedate_to_datetime(value)
+        parsed = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def error_details(body: str) -> tuple[str | None, str | None]:
@@ -260,7 +284,8 @@ class KalshiClient:
         auth: signs requests; ``None`` only for unauthenticated endpoints in tests.
         transport: an httpx transport (the simulator's, a mock); default is the network.
         tokens_per_second: client-side read budget (0 = unlimited).
-        page_size: ``limit`` sent with list calls.
+        page_size: ``limit`` sent with list calls; ``"auto"`` sends 1000 until the server
+            refuses it with a 400, then 200 for the life of the client.
         retry: the retry policy.
         timeout: seconds per socket operation (connect, each read).
         deadline: seconds for a whole request, body included.
@@ -277,7 +302,7 @@ class KalshiClient:
         auth: httpx.Auth | None,
         transport: httpx.BaseTransport | None = None,
         tokens_per_second: float = 200.0,
-        page_size: int = 200,
+        page_size: PageSize = "auto",
         retry: RetryPolicy = RetryPolicy(),
         timeout: float = 20.0,
         deadline: float = 60.0,
@@ -288,7 +313,8 @@ class KalshiClient:
         bucket_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.page_size = page_size
+        self.auto_page_size = page_size == "auto"
+        self.page_size: int = AUTO_PAGE_SIZE if page_size == "auto" else page_size
         self.deadline = deadline
         self.max_response_bytes = max_response_bytes
         self._cancel = cancel
@@ -379,7 +405,11 @@ class KalshiClient:
             raise ApiProtocolError(f"order id {order_id!r} cannot be fetched by id (not a path)")
         shown = f"GET /portfolio/orders/{order_id[:80]}"
         try:
-            body = self._get_json(f"portfolio/orders/{quote(order_id, safe='')}", cost=SINGLE_COST)
+            body = self._get_json(
+                f"portfolio/orders/{quote(order_id, safe='')}",
+                cost=SINGLE_COST,
+                endpoint="/portfolio/orders/{order_id}",
+            )
         except ApiStatusError as exc:
             if exc.status == 404:
                 return None
@@ -402,11 +432,12 @@ class KalshiClient:
         market_tickers: Iterable[str] = (),
         event_ticker: str | None = None,
         subaccount: int | None = None,
-    ) -> list[Any]:
+    ) -> QueuePositions:
         """``GET /portfolio/orders/queue_positions`` for the given markets or event.
 
         Ticker lists are sent in chunks; ``null`` means none. Covers subaccount 0 only unless
-        ``subaccount`` is given (that is the API's rule).
+        ``subaccount`` is given (that is the API's rule). The server time is that of the
+        first answer, so that it never postdates an entry.
         """
         tickers = sorted(set(market_tickers))
         if not tickers and event_ticker is None:
@@ -421,8 +452,14 @@ class KalshiClient:
         if event_ticker is not None:
             queries.append(_drop_none(event_ticker=event_ticker, subaccount=subaccount))
         positions: list[Any] = []
+        server_time: datetime | None = None
         for params in queries:
-            body = self._get_json("portfolio/orders/queue_positions", params=params)
+            answer = self._request(
+                "GET", "portfolio/orders/queue_positions", params=params, cost=LIST_COST
+            )
+            if server_time is None:
+                server_time = _http_date(answer.headers.get("Date"))
+            body = _decode(answer, "portfolio/orders/queue_positions")
             if not isinstance(body, dict):
                 raise ApiProtocolError(
                     "GET /portfolio/orders/queue_positions: expected a JSON object",
@@ -437,7 +474,7 @@ class KalshiClient:
                     body=json.dumps(body),
                 )
             positions.extend(items)
-        return positions
+        return QueuePositions(positions, server_time)
 
     def historical_cutoff(self) -> HistoricalCutoff | None:
         """``GET /historical/cutoff``, or ``None`` when the server has no historical tier."""
@@ -472,10 +509,23 @@ class KalshiClient:
         seen: set[str] = set()
         cursor: str | None = None
         while True:
-            params = {**filters, "limit": self.page_size}
+            limit = self.page_size
+            params = {**filters, "limit": limit}
             if cursor:
                 params["cursor"] = cursor
-            body = self._get_json(path, params=params)
+            try:
+                body = self._get_json(path, params=params)
+            except ApiStatusError as exc:
+                if not (exc.status == 400 and self.auto_page_size and limit > FALLBACK_PAGE_SIZE):
+                    raise
+                log.warning(
+                    "the API refused limit=%d (%s); using limit=%d from now on",
+                    limit,
+                    exc.api_message or exc.code or "400",
+                    FALLBACK_PAGE_SIZE,
+                )
+                self.page_size = FALLBACK_PAGE_SIZE
+                continue
             if not isinstance(body, dict) or (
                 items_key not in body or not isinstance(body[items_key], list | None)
             ):
@@ -484,10 +534,10 @@ class KalshiClient:
                     body=json.dumps(body),
                 )
             items = body[items_key] or []
-            if len(items) > self.page_size:
+            if len(items) > limit:
                 raise ApiProtocolError(
                     f"GET /{path}: the server sent {len(items)} {items_key} for limit "
-                    f"{self.page_size}; refusing a page larger than asked for"
+                    f"{limit}; refusing a page larger than asked for"
                 )
             raw_cursor = body.get("cursor")
             cursor = str(raw_cursor) if raw_cursor else None
@@ -503,18 +553,15 @@ class KalshiClient:
                 return
 
     def _get_json(
-        self, path: str, *, params: Mapping[str, Any] | None = None, cost: int = LIST_COST
+        self,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        cost: int = LIST_COST,
+        endpoint: str | None = None,
     ) -> Any:
-        answer = self._request("GET", path, params=params, cost=cost)
-        try:
-            return decode_json(answer.content)
-        except ValueError:
-            text = answer.content.decode("utf-8", errors="replace")
-            raise ApiProtocolError(
-                f"GET /{path}: the API answered {answer.status} with a body that is "
-                f"not JSON ({len(answer.content)} bytes)",
-                body=text,
-            ) from None
+        answer = self._request("GET", path, params=params, cost=cost, endpoint=endpoint)
+        return _decode(answer, path)
 
     def _pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less when cancelled (then raise StopRequested)."""
@@ -525,10 +572,19 @@ class KalshiClient:
             raise StopRequested("stopped while waiting to call the Kalshi API")
 
     def _request(
-        self, method: str, path: str, *, params: Mapping[str, Any] | None, cost: int
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None,
+        cost: int,
+        endpoint: str | None = None,
     ) -> Answer:
+        """One call, retried; ``endpoint`` is the route template the metrics count it under
+        (the path itself when it holds no id)."""
         started = time.monotonic()
         shown = "/" + path.split("?", 1)[0]
+        endpoint = endpoint or shown
         host = self._http.base_url.host
         for attempt in range(self._retry.max_attempts):
             if self._cancel is not None and self._cancel.is_set():
@@ -539,6 +595,8 @@ class KalshiClient:
             try:
                 answer = self._exchange(method, path, params)
             except _RETRYABLE_TRANSPORT as exc:
+                metrics.api_response(endpoint, "error")
+                reason = "timeout" if isinstance(exc, httpx.TimeoutException) else "network"
                 failure: Exception = ApiTransportError(
                     f"cannot reach the Kalshi API at {host}: "
                     f"{type(exc).__name__}: {exc or 'no detail'}"
@@ -547,15 +605,19 @@ class KalshiClient:
                 if isinstance(exc, httpx.ConnectError):
                     attempts = min(attempts, self._retry.connect_attempts)
             except httpx.TransportError as exc:
+                metrics.api_response(endpoint, "error")
                 raise ApiTransportError(
                     f"cannot reach the Kalshi API at {host}: {type(exc).__name__}: {exc}"
                 ) from exc
             except _Overdue as exc:
+                metrics.api_response(endpoint, "error")
+                reason = "timeout"
                 failure = cause = ApiTransportError(
                     f"the Kalshi API at {host} did not finish {method} {shown} within "
                     f"{self.deadline:.0f}s ({exc})"
                 )
             else:
+                metrics.api_response(endpoint, answer.status)
                 if answer.status < 400:
                     return answer
                 code, message = error_details(answer.content.decode("utf-8", errors="replace"))
@@ -566,6 +628,7 @@ class KalshiClient:
                 if answer.status != 429 and (answer.status < 500 or answer.status in NOT_SERVED):
                     raise failure
                 retry_after = parse_retry_after(answer.headers.get("Retry-After"))
+                reason = "429" if answer.status == 429 else "5xx"
             delay = (
                 retry_after if retry_after is not None else self._retry.backoff(attempt, self._rng)
             )
@@ -574,6 +637,9 @@ class KalshiClient:
                 if failure is cause:
                     raise failure
                 raise failure from cause
+            metrics.api_retry(reason)
+            if reason == "429":
+                metrics.rate_limit_wait(delay)
             log.warning(
                 "%s %s failed (%s); retry %d/%d in %.2fs",
                 method,
@@ -678,6 +744,18 @@ class _Body:
     @property
     def value(self) -> bytes:
         return b"".join(self._parts)
+
+
+def _decode(answer: Answer, path: str) -> Any:
+    try:
+        return decode_json(answer.content)
+    except ValueError:
+        text = answer.content.decode("utf-8", errors="replace")
+        raise ApiProtocolError(
+            f"GET /{path}: the API answered {answer.status} with a body that is "
+            f"not JSON ({len(answer.content)} bytes)",
+            body=text,
+        ) from None
 
 
 def _drop_none(**params: Any) -> dict[str, Any]:

@@ -5,6 +5,10 @@
 ``failed`` with the error's message. Every transaction a run writes in goes through
 :meth:`Run.transaction`, which checks the lock is still held before it commits.
 
+Closing a run also counts it in :mod:`etl.metrics` and logs one summary line whose fields
+(``stream``, ``account``, ``run_id``, the counts, ``duration_ms``, ``error``) the JSON log
+format carries as keys.
+
 A run that fails because the database went away cannot record that: its outcome is kept in
 :data:`UNRECORDED` and written by the next run of the process once the database answers. A
 process that dies meanwhile leaves the run ``running``; the next run of the stream (any
@@ -16,14 +20,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy.engine import Connection, Engine
 
+from etl import metrics
 from etl.db.engine import StreamLock, stream_lock, transaction
 from etl.db.state import Mode, RunStatus, finish_run, start_run
+from etl.db.upsert import Counts
 from etl.errors import DatabaseError, StopRequested
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ class Run:
     lock: StreamLock
     clock: Clock = utcnow
     stop: threading.Event | None = None
+    mode: Mode = "incremental"
+    started: float = 0.0  # time.monotonic() when the run opened
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -125,7 +134,18 @@ def recorded_run(
         UNRECORDED.flush(engine)
         with transaction(engine) as conn:
             run_id = start_run(conn, account, stream, mode)
-        run = Run(engine, account, stream, run_id, lock, clock=clock, stop=stop)
+        run = Run(
+            engine,
+            account,
+            stream,
+            run_id,
+            lock,
+            clock=clock,
+            stop=stop,
+            mode=mode,
+            started=time.monotonic(),
+        )
+        metrics.run_started(account, stream)
         try:
             yield run
         except BaseException as exc:
@@ -135,11 +155,42 @@ def recorded_run(
 
 
 def _close(run: Run, status: RunStatus, error: str | None) -> None:
+    counts: Counts | None = None
     try:
         with transaction(run.engine) as conn:
-            finish_run(conn, run.run_id, status, error=error)
+            counts = finish_run(conn, run.run_id, status, error=error)
     except DatabaseError:
         log.warning(
             "run %d %s, but the database is away: recorded when it is back", run.run_id, status
         )
         UNRECORDED.add(run.run_id, status, error)
+    duration = time.monotonic() - run.started
+    rows = None if counts is None else asdict(counts)
+    metrics.run_finished(
+        run.account, run.stream, status=status, duration=duration, rows=rows, error=error
+    )
+    shown = (
+        ""
+        if counts is None
+        else f": fetched {counts.fetched}, inserted {counts.inserted}, updated "
+        f"{counts.updated}, unchanged {counts.unchanged}, rejected {counts.rejected}"
+    )
+    log.info(
+        "%s %s run %d %s in %.0f ms%s",
+        run.stream,
+        run.mode,
+        run.run_id,
+        status,
+        duration * 1000,
+        shown,
+        extra={
+            "stream": run.stream,
+            "account": run.account,
+            "run_id": run.run_id,
+            "mode": run.mode,
+            "status": status,
+            **(rows or {}),
+            "duration_ms": round(duration * 1000),
+            "error": error,
+        },
+    )

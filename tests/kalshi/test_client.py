@@ -128,6 +128,36 @@ def test_a_400_is_surfaced_with_the_api_message_and_not_retried(app, private_key
     assert len(app.requests) == 1
 
 
+def limits_asked(app: SimulatorApp) -> list[str]:
+    return [parse_qs(q)["limit"][0] for path, q in app.requests if path.endswith("/orders")]
+
+
+def test_auto_page_size_asks_1000_where_the_server_accepts_it(app, private_key, exchange):
+    client = make_client(app, private_key, page_size="auto")
+    orders = [o for page in client.iter_order_pages() for o in page.items]
+    assert len(orders) == sum(1 for o in exchange if not exchange.is_historical(o))
+    assert set(limits_asked(app)) == {"1000"}
+
+
+def test_auto_page_size_falls_back_to_200_after_a_400_and_remembers(private_key):
+    exchange = Exchange(seed=3, orders=450, api="2025", now=NOW, events_per_second=0)
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    client = make_client(app, private_key, page_size="auto")
+    first = [o for page in client.iter_order_pages() for o in page.items]
+    assert len(first) == 450
+    assert limits_asked(app) == ["1000", "200", "200", "200"]
+    list(client.iter_order_pages(status="resting"))  # a later listing starts at 200
+    assert limits_asked(app)[4:] and set(limits_asked(app)[4:]) == {"200"}
+    assert client.page_size == 200
+
+
+def test_a_fixed_page_size_the_server_refuses_is_not_lowered(private_key):
+    exchange = Exchange(seed=3, orders=10, api="2025", now=NOW, events_per_second=0)
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    with pytest.raises(ApiStatusError, match="limit must be between 1 and 200"):
+        list(make_client(app, private_key, page_size=1000).iter_order_pages())
+
+
 def test_retries_are_bounded(private_key):
     calls = []
 
@@ -191,14 +221,14 @@ def test_queue_positions_are_asked_in_chunks_and_null_means_none(private_key):
 
     client = make_client(mock(handler), private_key)
     tickers = [f"M{i:03d}" for i in range(120)]
-    assert client.queue_positions(market_tickers=tickers, subaccount=2) == []
+    assert client.queue_positions(market_tickers=tickers, subaccount=2).items == []
     assert len(queries) == 3
     assert sum(len(q["market_tickers"][0].split(",")) for q in queries) == 120
     assert all(q["subaccount"] == ["2"] for q in queries)
 
 
 def test_queue_positions_of_the_simulator(client, exchange):
-    positions = client.queue_positions(market_tickers=exchange.tickers)
+    positions = client.queue_positions(market_tickers=exchange.tickers).items
     resting_sub0 = [i for i in exchange.resting_ids() if exchange.order(i).subaccount == 0]
     assert sorted(p["order_id"] for p in positions) == sorted(resting_sub0)
     assert all(isinstance(p["queue_position_fp"], str) for p in positions)

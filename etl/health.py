@@ -1,0 +1,191 @@
+"""The daemon's operator endpoints: ``/metrics``, ``/healthz`` and ``/readyz`` over HTTP.
+
+- ``/metrics``: :data:`etl.metrics.REGISTRY` in the Prometheus text format.
+- ``/healthz``: 200 while the daemon's loop is alive (it beats every half second), else 503.
+- ``/readyz``: 200 when the database answers and every stream succeeded within three of its
+  intervals, else 503; the JSON body says, per stream, when it last succeeded and why it is
+  not ready (the last error, or that it is still running its first pass).
+
+Served by the standard library's threading HTTP server on a daemon thread: scrapes and probes
+never wait for a sync, and a sync never waits for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import sqlalchemy as sa
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.engine import Engine
+
+from etl import metrics
+from etl.db.engine import connection
+from etl.errors import ConfigError, DatabaseError
+
+log = logging.getLogger(__name__)
+
+READY_INTERVALS = 3  # a stream is late once it has not succeeded for this many intervals
+STALL = 10.0  # seconds without a beat after which the loop counts as dead
+
+
+class Liveness:
+    """The daemon loop's heartbeat."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = clock()
+
+    def beat(self) -> None:
+        self._last = self._clock()
+
+    def alive(self) -> bool:
+        return self._clock() - self._last < STALL
+
+
+class Readiness:
+    """Whether the daemon is doing its job: the database answers and each stream of
+    ``account`` (name → interval) succeeded within :data:`READY_INTERVALS` intervals."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        account: str,
+        streams: Mapping[str, timedelta],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.account = account
+        self.streams = dict(streams)
+        self._clock = clock
+
+    def check(self) -> tuple[bool, dict[str, Any]]:
+        now = self._clock()
+        problems: list[str] = []
+        try:
+            with connection(self.engine) as conn:
+                conn.execute(sa.text("SELECT 1"))
+            database: dict[str, Any] = {"ok": True}
+        except DatabaseError as exc:
+            database = {"ok": False, "error": str(exc)}
+            problems.append(f"database: {exc}")
+        streams: dict[str, Any] = {}
+        for stream, every in self.streams.items():
+            status = metrics.STREAMS.get(self.account, stream)
+            limit = READY_INTERVALS * every.total_seconds()
+            reason = _lateness(status, now=now, limit=limit)
+            streams[stream] = {
+                "ok": reason is None,
+                "last_success": _iso(status.last_success),
+                "last_error": status.last_error,
+                "interval_seconds": every.total_seconds(),
+                **({"reason": reason} if reason else {}),
+            }
+            if reason:
+                problems.append(f"{stream}: {reason}")
+        ready = not problems
+        body = {
+            "status": "ready" if ready else "not ready",
+            "account": self.account,
+            "database": database,
+            "streams": streams,
+            "problems": problems,
+        }
+        return ready, body
+
+
+def _lateness(status: metrics.StreamStatus, *, now: float, limit: float) -> str | None:
+    """Why a stream is not ready, or ``None`` when it succeeded within ``limit`` seconds."""
+    if status.last_success is not None and now - status.last_success <= limit:
+        return None
+    if status.last_success is None:
+        reason = "no successful run yet"
+    else:
+        reason = f"no successful run for {now - status.last_success:.0f}s (limit {limit:.0f}s)"
+    if status.running_since is not None:
+        reason += f"; a run is in progress since {_iso(status.running_since)}"
+    if status.last_error:
+        reason += f"; last error: {status.last_error}"
+    return reason
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
+
+
+class OperatorServer:
+    """Serves the three endpoints on ``host:port`` (port 0 = any free port) on a thread.
+
+    Raises:
+        ConfigError: the address cannot be bound (in use, not local, no permission).
+    """
+
+    def __init__(self, host: str, port: int, *, liveness: Liveness, readiness: Readiness) -> None:
+        handler = _handler(liveness, readiness)
+        try:
+            self._server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port: cannot listen on {host}:{port} ({exc.strerror or exc}); pick "
+                "another port (KALSHI_ETL_METRICS_PORT) or host (--metrics-host)"
+            ) from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="operator-http", daemon=True
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+        host, port = self.address
+        log.info("metrics on http://%s:%d/metrics, health on /healthz and /readyz", host, port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(liveness: Liveness, readiness: Readiness) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "kalshi-etl"
+
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(metrics.REGISTRY), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                alive = liveness.alive()
+                self._json(200 if alive else 503, {"status": "alive" if alive else "stalled"})
+            elif path == "/readyz":
+                ready, body = readiness.check()
+                self._json(200 if ready else 503, body)
+            else:
+                self._json(404, {"error": f"no such endpoint {path}; try /metrics"})
+
+        def _json(self, status: int, body: dict[str, Any]) -> None:
+            self._send(status, json.dumps(body).encode(), "application/json")
+
+        def _send(self, status: int, payload: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+            log.debug("operator http: " + format, *args)
+
+    return Handler
