@@ -36,9 +36,13 @@ SELECT date_trunc('day', created_time) AS day,
        sum(coalesce(taker_fees_dollars, 0) + coalesce(maker_fees_dollars, 0)) AS fees
 FROM orders GROUP BY 1 ORDER BY 1 DESC LIMIT 14;
 
--- How an order's place in the queue moved
-SELECT captured_at, queue_position FROM queue_position_snapshots
-WHERE order_id = '<order id>' ORDER BY captured_at;
+-- Where each open order stands in its queue now
+SELECT order_id, ticker, outcome_side, book_side, yes_price_dollars, queue_position, captured_at
+FROM queue_positions_current ORDER BY queue_position NULLS LAST LIMIT 20;
+
+-- How one order's place in the queue moved (NULL: it had left the book)
+SELECT valid_from, valid_to, queue_position FROM queue_position_intervals
+WHERE order_id = '<order id>' ORDER BY valid_from;
 
 -- Payloads that could not be parsed, with the reason
 SELECT received_at, stream, error FROM rejected_records ORDER BY id DESC LIMIT 20;"""
@@ -157,18 +161,14 @@ def report(engine: Engine, exchange: Exchange | None) -> Iterator[str]:
         yield "latest queue positions (10 resting orders nearest the front)"
         rows = conn.execute(
             sa.text(
-                """
-                SELECT DISTINCT ON (q.order_id) q.order_id, q.market_ticker, q.queue_position,
-                       q.captured_at
-                FROM queue_position_snapshots q JOIN orders o USING (order_id)
-                WHERE o.status = 'resting'
-                ORDER BY q.order_id, q.captured_at DESC
-                """
+                "SELECT order_id, ticker, queue_position, captured_at FROM "
+                "queue_positions_current WHERE queue_position IS NOT NULL "
+                "ORDER BY queue_position, order_id LIMIT 10"
             )
         ).all()
-        for row in sorted(rows, key=lambda r: r.queue_position)[:10]:
+        for row in rows:
             yield (
-                f"  {row.order_id}  {row.market_ticker:<16} {row.queue_position:>8} ahead"
+                f"  {row.order_id}  {row.ticker:<16} {row.queue_position:>8} ahead"
                 f"  (as of {row.captured_at:%H:%M:%S})"
             )
         yield ""

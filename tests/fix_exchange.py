@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -79,7 +79,7 @@ def make_client(
     app: WsgiApp | httpx.MockTransport,
     key: rsa.RSAPrivateKey,
     *,
-    page_size: int = 50,
+    page_size: int | Literal["auto"] = 50,
     sleep: Callable[[float], None] | None = None,
     tokens_per_second: float = 0,
 ) -> KalshiClient:

@@ -139,6 +139,27 @@ def test_json_logs_are_one_object_per_line(db, tmp_path, live_simulator):
 
     entries = [json.loads(line) for line in result.stderr.strip().splitlines()]
     assert entries and all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+    [summary] = [e for e in entries if "run_id" in e]
+    assert summary["stream"] == "orders" and summary["account"] == env["KALSHI_API_KEY_ID"]
+    assert summary["status"] == "succeeded" and summary["error"] is None
+    assert summary["inserted"] > 0 and summary["fetched"] >= summary["inserted"]
+    assert {"updated", "unchanged", "rejected"} <= summary.keys()
+    assert isinstance(summary["duration_ms"], int)
+
+
+def test_prune_keeps_each_orders_latest_snapshot(db, tmp_path, live_simulator):
+    assert run(["sync"], live_simulator.env, tmp_path).returncode == 0
+    with db.begin() as conn:  # an old, superseded row for one order
+        conn.exec_driver_sql(
+            "INSERT INTO queue_position_snapshots (order_id, market_ticker, queue_position, "
+            "captured_at) SELECT order_id, market_ticker, queue_position + 1, "
+            "captured_at - interval '200 days' FROM queue_position_snapshots LIMIT 1"
+        )
+    rows = count(db, "SELECT count(*) FROM queue_position_snapshots")
+    result = run(["prune", "--snapshots-older-than", "90d"], live_simulator.env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("pruned 1 queue-position snapshot(s)")
+    assert count(db, "SELECT count(*) FROM queue_position_snapshots") == rows - 1
 
 
 def test_simulate_starts_in_under_two_seconds_and_answers_a_signed_request(tmp_path):
@@ -225,6 +246,11 @@ def test_an_interrupted_backfill_commits_stops_and_resumes(db, tmp_path, live_si
         (["backfill", "--since", "2026-01-01", "--window", "-1d"], {}, "--window"),
         (["simulate", "--port", "99999"], {}, "--port: expected a value from 0 to 65535"),
         (["simulate", "--orders", "-5"], {}, "--orders"),
+        (["daemon", "--metrics-port", "http"], {}, "--metrics-port"),
+        (["daemon"], {"KALSHI_ETL_METRICS_PORT": "99999"}, "KALSHI_ETL_METRICS_PORT"),
+        (["prune"], {}, "--snapshots-older-than"),
+        (["prune", "--snapshots-older-than", "soon"], {}, "--snapshots-older-than"),
+        (["sync"], {"KALSHI_PAGE_SIZE": "big"}, "KALSHI_PAGE_SIZE: expected auto"),
         (["backfill", "--since", "1738324800000"], {}, "looks like milliseconds"),
         (["status"], {"KALSHI_API_BASE": "https://api.elections.kalshi.com"}, "/trade-api/v2"),
         (["status"], {"DATABASE_URL": "postgresql://u@localhost:abc/db"}, "port 'abc'"),

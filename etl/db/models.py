@@ -84,6 +84,8 @@ class OrderRow(Base):
         Index(None, "ticker"),
         Index(None, "last_update_time"),
         Index(None, "created_time"),
+        # A queue poll looks for orders that stopped being open since its last run.
+        Index(None, "synced_at"),
         # The open orders each sync cycle settles: small, and read every cycle.
         Index(
             "ix_orders_open",
@@ -94,16 +96,21 @@ class OrderRow(Base):
 
 
 class QueuePositionSnapshotRow(Base):
-    """``queue_position_snapshots``: a row when a position is first seen or changes."""
+    """``queue_position_snapshots``: a row when a position is first seen or changes, and a
+    closing row (``queue_position`` NULL) when the order stops being open."""
 
     __tablename__ = "queue_position_snapshots"
 
     order_id: Mapped[str] = mapped_column(primary_key=True)
     captured_at: Mapped[datetime] = mapped_column(primary_key=True)
     market_ticker: Mapped[str]
-    queue_position: Mapped[Decimal] = mapped_column(Contracts)
+    queue_position: Mapped[Decimal | None] = mapped_column(Contracts)
 
-    __table_args__ = (Index(None, "market_ticker", "captured_at"),)
+    __table_args__ = (
+        Index(None, "market_ticker", "captured_at"),
+        # prune walks old rows in (captured_at, order_id) order, one batch at a time.
+        Index(None, "captured_at", "order_id"),
+    )
 
 
 class SyncStateRow(Base):

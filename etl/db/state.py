@@ -112,10 +112,11 @@ def finish_run(
     *,
     error: str | None = None,
     finished_at: datetime | None = None,
-) -> None:
-    """Close a run. A run already closed as interrupted by another process (its outcome could
-    not be recorded in time, the database being away) gets its true outcome."""
-    conn.execute(
+) -> Counts | None:
+    """Close a run and return its counts (``None`` when it was closed already). A run closed as
+    interrupted by another process (its outcome could not be recorded in time, the database
+    being away) gets its true outcome."""
+    row = conn.execute(
         sa.update(sync_runs)
         .where(
             sync_runs.c.id == run_id,
@@ -126,7 +127,15 @@ def finish_run(
             finished_at=finished_at if finished_at is not None else sa.func.now(),
             error=None if error is None else storable_text(error, limit=4000),
         )
-    )
+        .returning(
+            sync_runs.c.fetched,
+            sync_runs.c.inserted,
+            sync_runs.c.updated,
+            sync_runs.c.unchanged,
+            sync_runs.c.rejected,
+        )
+    ).one_or_none()
+    return None if row is None else Counts(*row)
 
 
 @dataclass(frozen=True)

@@ -269,3 +269,31 @@ def insert_snapshots(
     )
     inserted = result.rowcount
     return Counts(fetched=len(positions), inserted=inserted, unchanged=len(positions) - inserted)
+
+
+_CLOSE_SQL = sa.text(
+    """
+    INSERT INTO queue_position_snapshots (order_id, market_ticker, queue_position, captured_at)
+    SELECT latest.order_id, latest.market_ticker, NULL, :captured_at
+    FROM (
+        SELECT DISTINCT ON (s.order_id) s.order_id, s.market_ticker, s.queue_position
+        FROM queue_position_snapshots s
+        JOIN orders o ON o.order_id = s.order_id
+        WHERE o.status NOT IN ('resting', 'pending')
+          AND (CAST(:since AS timestamptz) IS NULL OR o.synced_at >= CAST(:since AS timestamptz))
+        ORDER BY s.order_id, s.captured_at DESC
+    ) AS latest
+    WHERE latest.queue_position IS NOT NULL
+    ON CONFLICT DO NOTHING
+    """
+)
+
+
+def close_snapshots(
+    conn: Connection, *, captured_at: datetime, changed_since: datetime | None
+) -> int:
+    """Write the closing row (``queue_position`` NULL) of each order that is no longer open
+    but whose latest snapshot still holds a position; only orders written since
+    ``changed_since`` are looked at (all when ``None``). Returns the rows written."""
+    result = conn.execute(_CLOSE_SQL, {"captured_at": captured_at, "since": changed_since})
+    return result.rowcount

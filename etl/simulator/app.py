@@ -53,6 +53,7 @@ class Faults:
     pages carrying one extra malformed record."""
 
     error_rate: float = 0.0
+    error_status: int = 503
     latency: float = 0.0
     malformed_rate: float = 0.0
 
@@ -87,7 +88,7 @@ class SimulatorApp:
         self.public_keys = dict(public_keys)
         self.faults = faults or Faults()
         self._wall_clock = wall_clock
-        self._advance = advance
+        self.advance = advance  # trade as wall-clock time passes; pause() and resume() flip it
         self._tokens_per_second = tokens_per_second
         self._bucket_clock = bucket_clock
         self._buckets: dict[str, TokenBucket] = {}
@@ -122,11 +123,14 @@ class SimulatorApp:
             if self.faults.latency:
                 time.sleep(self.faults.latency)
             if self.faults.error_rate and self._roll() < self.faults.error_rate:
-                return 503, {"code": "service_unavailable", "message": "injected fault"}
+                return self.faults.error_status, {
+                    "code": "service_unavailable",
+                    "message": "injected fault",
+                }
             if method != "GET":
                 raise ApiFault(405, "method_not_allowed", f"{method} is not served")
             with self._lock:
-                if self._advance:
+                if self.advance:
                     self.exchange.advance_to(datetime.fromtimestamp(self._wall_clock(), UTC))
                 return 200, self._route(route, query)
         except ApiFault as fault:
@@ -135,6 +139,15 @@ class SimulatorApp:
             if fault.status == 429:
                 return 429, {"error": "too many requests"}
             return fault.status, {"code": fault.code, "message": fault.message, "details": ""}
+
+    def pause(self) -> None:
+        """Stop trading (after any request being answered): the truth holds still."""
+        with self._lock:
+            self.advance = False
+
+    def resume(self) -> None:
+        with self._lock:
+            self.advance = True
 
     def _roll(self) -> float:
         with self._lock:

@@ -38,11 +38,12 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from etl import metrics
 from etl.db.engine import connection
 from etl.db.state import (
     add_to_run,
@@ -176,11 +177,14 @@ def _write(
     one_by_one: bool,
 ) -> Counts:
     now = run.clock()
+    # The wall clock, not the run's (injectable) one: a queue poll finds the orders that
+    # closed since its previous run by this time.
+    written_at = utcnow()
     with run.transaction() as conn:
         written, refused = write_records(
             conn,
             good,
-            lambda c, batch: upsert_orders(c, batch, synced_at=now),
+            lambda c, batch: upsert_orders(c, batch, synced_at=written_at),
             one_by_one=one_by_one,
         )
         rejected = insert_rejected(
@@ -417,19 +421,6 @@ def _seconds(value: datetime) -> int:
     return math.floor(value.timestamp())
 
 
-def _log_run(mode: str, run_id: int, counts: Counts) -> None:
-    log.info(
-        "orders %s run %d: fetched %d, inserted %d, updated %d, unchanged %d, rejected %d",
-        mode,
-        run_id,
-        counts.fetched,
-        counts.inserted,
-        counts.updated,
-        counts.unchanged,
-        counts.rejected,
-    )
-
-
 def sync_orders(
     engine: Engine,
     client: KalshiClient,
@@ -451,7 +442,7 @@ def sync_orders(
         engine, account, STREAM, "incremental", lock_wait=lock_wait, clock=clock, stop=stop
     ) as run:
         counts, watermark = _cycle(run, client, lookback=lookback)
-    _log_run("incremental", run.run_id, counts)
+    metrics.watermark_moved(account, STREAM, watermark)
     return SyncResult(run_id=run.run_id, counts=counts, watermark=watermark)
 
 
@@ -542,10 +533,31 @@ def plan_windows(since: datetime, until: datetime, size: timedelta) -> list[Wind
     return windows[::-1]
 
 
-def covered(bounds: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
-    """True when [start, end) lies inside one of the merged ``spans``."""
-    start, end = bounds
-    return any(a <= start and end <= b for a, b in spans)
+def uncovered(win: Window, spans: Sequence[tuple[int, int]]) -> list[Window]:
+    """The parts of ``win`` that no span of the merged, sorted ``spans`` covers.
+
+    The newest window of an interrupted backfill ended at that run's "now"; a rerun's newest
+    window starts at the same cut but ends later, so only its tail is left to fetch.
+    """
+    lo, hi = win.bounds
+    pieces: list[Window] = []
+    cursor = lo
+    for a, b in spans:
+        if b <= cursor or a >= hi:
+            continue
+        if a > cursor:
+            pieces.append(_piece(win, cursor, a))
+        cursor = max(cursor, b)
+    if cursor < hi:
+        pieces.append(_piece(win, cursor, hi))
+    return pieces
+
+
+def _piece(win: Window, lo: int, hi: int) -> Window:
+    return Window(
+        max(win.start, datetime.fromtimestamp(lo, UTC)),
+        min(win.end, datetime.fromtimestamp(hi, UTC)),
+    )
 
 
 @dataclass(frozen=True)
@@ -592,20 +604,25 @@ def backfill_orders(
     ) as run:
         with connection(engine) as conn:
             spans = backfill_coverage(conn, account)
-        todo = [w for w in plan if not covered(w.bounds, spans)]
-        if len(todo) < len(plan):
+        left = [uncovered(w, spans) for w in plan]
+        done = sum(1 for pieces in left if not pieces)
+        partly = sum(1 for w, pieces in zip(plan, left, strict=True) if pieces != [w])
+        if partly:
             log.info(
-                "backfill resumes: %d of %d windows already done", len(plan) - len(todo), len(plan)
+                "backfill resumes: %d of %d windows already done, %d partly",
+                done,
+                len(plan),
+                partly - done,
             )
-        total = _backfill(run, client, plan, todo, concurrency, on_progress)
-    _log_run("backfill", run.run_id, total)
+        todo = [piece for pieces in left for piece in pieces]
+        total = _backfill(run, client, done, todo, concurrency, on_progress)
     return SyncResult(run_id=run.run_id, counts=total, watermark=None)
 
 
 def _backfill(
     run: Run,
     client: KalshiClient,
-    plan: Sequence[Window],
+    done: int,
     todo: Sequence[Window],
     concurrency: int,
     on_progress: ProgressCallback | None,
@@ -613,11 +630,11 @@ def _backfill(
     has_history = client.historical_cutoff() is not None
     subaccounts = _stored_subaccounts(run)
     lock = threading.Lock()
-    state = {"done": len(plan) - len(todo), "orders": 0}
+    state = {"done": done, "orders": 0}
 
     def report() -> None:
         if on_progress is not None:
-            on_progress(BackfillProgress(state["done"], len(plan), state["orders"]))
+            on_progress(BackfillProgress(state["done"], done + len(todo), state["orders"]))
 
     def counted(fetched: int) -> None:
         with lock:

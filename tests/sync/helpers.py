@@ -50,6 +50,21 @@ def assert_table_equals_truth(engine: Engine, exchange: Exchange) -> None:
     )
 
 
+def current_queue_positions(engine: Engine) -> dict[str, str | None]:
+    """``queue_positions_current`` as order id → position (two decimals; None when closed)."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT order_id, queue_position FROM queue_positions_current"))
+        return {
+            row.order_id: None if row.queue_position is None else f"{row.queue_position:.2f}"
+            for row in rows
+        }
+
+
+def queue_truth(exchange: Exchange) -> dict[str, str]:
+    """Each resting order of the exchange → its queue position (two decimals)."""
+    return {i: f"{exchange.order(i).queue_position:.2f}" for i in exchange.resting_ids()}
+
+
 def runs(engine: Engine) -> list[sa.Row[Any]]:
     with engine.connect() as conn:
         return list(conn.execute(sa.text("SELECT * FROM sync_runs ORDER BY id")))

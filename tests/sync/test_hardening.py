@@ -5,6 +5,7 @@ backfill resumed under a later `until`, and a backfill and a sync of one account
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from datetime import timedelta
 
@@ -25,14 +26,13 @@ from etl.sync.run import UNRECORDED, recorded_run
 from tests.fix_exchange import NOW, make_client, rewriting, wait_until
 from tests.proxy import DatabaseProxy
 from tests.sync.helpers import (
+    ACCOUNT,
     assert_table_equals_truth,
     backfill_history,
     count,
     runs,
     stored_orders,
 )
-
-ACCOUNT = "acct"
 
 # One order of each kind the issue names, as raw JSON text: each parses as JSON, and each
 # would make PostgreSQL refuse its whole page if it reached the database.
@@ -334,6 +334,28 @@ def test_a_backfill_rerun_with_a_later_until_reuses_the_windows_done(db, client,
         window=timedelta(days=7),
     )
     assert again.counts.fetched == len(fresh)
+    assert_table_equals_truth(db, exchange)
+
+
+def test_a_backfill_rerun_reads_only_the_tail_of_a_window_cut_short_by_the_first_runs_now(
+    db, client, exchange, caplog
+):
+    since = exchange.now - timedelta(days=70)  # the whole history: one 100-day window,
+    window = timedelta(days=100)  # cut short at "now"
+    backfill_orders(db, client, account=ACCOUNT, since=since, until=exchange.now, window=window)
+    exchange.now += timedelta(hours=1)
+    fresh = [exchange.create_order() for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="etl.sync.orders"):
+        again = backfill_orders(
+            db,
+            client,
+            account=ACCOUNT,
+            since=since,
+            until=exchange.now + timedelta(seconds=1),
+            window=window,
+        )
+    assert again.counts.fetched == len(fresh)
+    assert "backfill resumes: 0 of 1 windows already done, 1 partly" in caplog.text
     assert_table_equals_truth(db, exchange)
 
 

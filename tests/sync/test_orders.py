@@ -18,14 +18,13 @@ from etl.simulator.keys import key_id
 from etl.sync.orders import sync_orders
 from tests.fix_exchange import CLI, NOW, make_client, rewriting, spawn, wait_until
 from tests.sync.helpers import (
+    ACCOUNT,
     assert_table_equals_truth,
     backfill_history,
     count,
     runs,
     stored_orders,
 )
-
-ACCOUNT = "acct"
 
 
 def watermark_of(state: StreamState | None):
