@@ -8,7 +8,12 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   of the source, which no loader can beat);
 - plain COPY of the same parsed rows into an unindexed table (the floor for the database side);
 - the guarded upsert alone, into an empty `orders`, then replaying the same rows (all unchanged);
-- a first `sync` of the whole account end to end, then a no-change `sync`.
+- a first `sync` of the whole account end to end, then a no-change `sync`;
+- the API calls of a first load with `KALSHI_PAGE_SIZE=auto` against `200` (the 2025 limit),
+  and what they cost at the Basic tier's read budget (200 tokens/s, 10 per list call);
+- a queue-position poll of about 10,000 resting orders over 500 markets (a simulator served
+  in this process): the first poll, a poll with nothing changed and one with 1% changed,
+  against reading the same positions from the API alone and a plain COPY of 10,000 rows.
 
 Prints a table with ratios and writes bench/results.json. BENCH_ORDERS sets the account size
 (default 100000).
@@ -25,23 +30,30 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 
+from etl import metrics
 from etl.config import environment, from_env
 from etl.db import migrations
 from etl.db.engine import embedded_url
 from etl.db.upsert import ORDER_COLUMNS, _row, upsert_orders
 from etl.kalshi.auth import KalshiAuth, read_private_key_file
-from etl.kalshi.client import KalshiClient
+from etl.kalshi.client import LIST_COST, KalshiClient, PageSize
 from etl.kalshi.parse import Order, parse_order
+from etl.simulator import Exchange, SimulatorApp, serve
+from etl.simulator.keys import generate_key, key_id
 from etl.sync.orders import sync_orders
+from etl.sync.queue import poll_queue_positions
 
 PAGE = 1000
+BASIC_TIER = 200.0  # read tokens per second
+QUEUE_RESTING = 10_000
+QUEUE_MARKETS = 500
 RESULTS = Path(__file__).with_name("results.json")
 
 
@@ -118,12 +130,12 @@ def run(engine: sa.Engine, n: int) -> int:
 def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     key = read_private_key_file(Path(env["KALSHI_PRIVATE_KEY_PATH"]))
 
-    def client() -> KalshiClient:
+    def client(page_size: PageSize = PAGE) -> KalshiClient:
         return KalshiClient(
             env["KALSHI_API_BASE"],
             auth=KalshiAuth(env["KALSHI_API_KEY_ID"], key),
             tokens_per_second=0,
-            page_size=PAGE,
+            page_size=page_size,
         )
 
     def read_and_parse() -> list[Order]:
@@ -160,11 +172,22 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     with engine.begin() as conn:
         conn.execute(sa.text("TRUNCATE orders, bench_copy"))
 
-    with client() as c:
+    calls_before = api_calls()
+    with client("auto") as c:
         t_first, first = timed("first sync", lambda: sync_orders(engine, c, account="bench"))
+        calls_auto = api_calls() - calls_before
         t_again, again = timed("no-change sync", lambda: sync_orders(engine, c, account="bench"))
     assert first.counts.inserted == n, first.counts
     assert again.counts.inserted == again.counts.updated == 0, again.counts
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE orders, sync_state, sync_runs, rejected_records"))
+    calls_before = api_calls()
+    with client(200) as c:
+        t_first_200, _ = timed(
+            "first sync, page size 200", lambda: sync_orders(engine, c, account="bench")
+        )
+    calls_200 = api_calls() - calls_before
+    queue = measure_queue(engine)
 
     rate = lambda seconds: n / seconds  # noqa: E731
     rows = [
@@ -187,6 +210,45 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
         f"{'no-change sync':<32}{t_again:>10.2f}{'':>12}   re-read {again.counts.fetched} "
         f"orders (incremental window + every resting order), wrote none"
     )
+    floor = lambda calls: calls * LIST_COST / BASIC_TIER  # noqa: E731
+    print()
+    print(f"{'first load, API calls':<32}{'calls':>10}{'seconds':>12}   at the Basic tier")
+    for label, calls, seconds in (
+        ("KALSHI_PAGE_SIZE=auto (1000)", calls_auto, t_first),
+        ("KALSHI_PAGE_SIZE=200", calls_200, t_first_200),
+    ):
+        print(f"{label:<32}{calls:>10.0f}{seconds:>12.2f}   ≥ {floor(calls):.1f}s of read budget")
+    print(f"{'':<32}{calls_200 / calls_auto:>9.2f}× fewer calls with auto")
+    q = queue
+    print()
+    print(
+        f"queue poll: {q['resting']} resting orders over {q['markets']} markets, "
+        f"{q['api_calls']} API calls a poll"
+    )
+    print(f"{'measure':<32}{'seconds':>10}{'rows':>12}   ratio")
+    for label, seconds, rows_written, ratio in (
+        ("API read alone (source)", q["read"], 0, "1.00× of source"),
+        ("plain COPY of the rows", q["copy"], q["resting"], "1.00× of COPY"),
+        (
+            "first poll",
+            q["first"],
+            q["first_rows"],
+            f"{q['first'] / (q['read'] + q['copy']):.2f}× (source + COPY)",
+        ),
+        (
+            "poll, nothing changed",
+            q["unchanged"],
+            q["unchanged_rows"],
+            f"{q['unchanged'] / q['read']:.2f}× source",
+        ),
+        (
+            "poll, 1% changed",
+            q["changed"],
+            q["changed_rows"],
+            f"{q['changed'] / q['read']:.2f}× source",
+        ),
+    ):
+        print(f"{label:<32}{seconds:>10.2f}{rows_written:>12}   {ratio}")
     RESULTS.write_text(
         json.dumps(
             {
@@ -208,6 +270,14 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
                     "plain_copy": rate(t_copy),
                 },
                 "no_change_sync_fetched": again.counts.fetched,
+                "first_load_api_calls": {
+                    "auto": calls_auto,
+                    "page_200": calls_200,
+                    "basic_tier_seconds_auto": floor(calls_auto),
+                    "basic_tier_seconds_200": floor(calls_200),
+                    "first_sync_seconds_200": t_first_200,
+                },
+                "queue_poll": queue,
                 "ratios": {
                     "upsert_new_vs_copy": t_upsert / t_copy,
                     "first_sync_vs_source_plus_copy": t_first / (t_read + t_copy),
@@ -218,6 +288,112 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     )
     print(f"\nwritten to {RESULTS}")
     return 0
+
+
+def api_calls() -> float:
+    """Kalshi API calls made by this process so far, from its own metrics."""
+    return sum(
+        sample.value
+        for family in metrics.REGISTRY.collect()
+        if family.name == "kalshi_etl_api_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def measure_queue(engine: sa.Engine) -> dict[str, Any]:
+    """Poll the queue positions of ~10,000 resting orders over 500 markets."""
+    # About 8.7% of the simulator's seeded orders are resting.
+    exchange = Exchange(
+        seed=7,
+        orders=int(QUEUE_RESTING / 0.087),
+        markets=QUEUE_MARKETS,
+        events_per_second=0,
+        user_data_lag=timedelta(0),
+    )
+    private_key = generate_key()
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    server = serve(app)
+    base = f"http://127.0.0.1:{server.server_address[1]}/trade-api/v2"
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "TRUNCATE orders, queue_position_snapshots, sync_state, sync_runs, rejected_records"
+            )
+        )
+    try:
+        with KalshiClient(
+            base, auth=KalshiAuth(key_id(private_key), private_key), tokens_per_second=0
+        ) as c:
+            timed("queue bench: load its orders", lambda: sync_orders(engine, c, account="q"))
+            # A daemon polls for months after its first load: its orders were written long
+            # before, and a poll looks for closed ones among those written since its last run.
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE orders SET synced_at = synced_at - interval '1 day'"))
+                conn.execute(sa.text("ANALYZE orders"))
+            resting = exchange.resting_ids()
+            by_sub: dict[int, set[str]] = {}
+            for order_id in resting:
+                order = exchange.order(order_id)
+                by_sub.setdefault(order.subaccount, set()).add(order.ticker)
+            calls = api_calls()
+
+            def read() -> list[Any]:
+                return [
+                    item
+                    for sub, tickers in sorted(by_sub.items())
+                    for item in c.queue_positions(market_tickers=tickers, subaccount=sub).items
+                ]
+
+            t_read, items = timed("queue API read alone", read)
+            poll_calls = api_calls() - calls
+            assert len(items) == len(resting), (len(items), len(resting))
+
+            def plain_copy() -> None:
+                with engine.begin() as conn:
+                    conn.execute(
+                        sa.text("CREATE TABLE bench_queue (LIKE queue_position_snapshots)")
+                    )
+                    driver = conn.connection.driver_connection
+                    assert isinstance(driver, psycopg.Connection)
+                    now = datetime.now(UTC)
+                    with (
+                        driver.cursor() as cur,
+                        cur.copy(
+                            "COPY bench_queue (order_id, market_ticker, queue_position, "
+                            "captured_at) FROM STDIN"
+                        ) as copy,
+                    ):
+                        for i in items:
+                            copy.write_row(
+                                (i["order_id"], i["market_ticker"], i["queue_position_fp"], now)
+                            )
+
+            t_copy, _ = timed("queue plain COPY", plain_copy)
+            poll = lambda: poll_queue_positions(engine, c, account="q")  # noqa: E731
+            t_first, first = timed("first queue poll", poll)
+            t_same, same = timed("queue poll, nothing changed", poll)
+            for order_id in resting[: len(resting) // 100]:
+                exchange.move_queue(order_id, -1 if exchange.order(order_id).queue_position else 1)
+            t_moved, moved = timed("queue poll, 1% changed", poll)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert first.counts.inserted == len(resting), first.counts
+    assert same.counts.inserted == 0, same.counts
+    return {
+        "resting": len(resting),
+        "markets": QUEUE_MARKETS,
+        "api_calls": poll_calls,
+        "read": t_read,
+        "copy": t_copy,
+        "first": t_first,
+        "first_rows": first.counts.inserted,
+        "unchanged": t_same,
+        "unchanged_rows": same.counts.inserted,
+        "changed": t_moved,
+        "changed_rows": moved.counts.inserted,
+    }
 
 
 if __name__ == "__main__":

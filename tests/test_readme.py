@@ -1,0 +1,34 @@
+"""The README's SQL runs: every statement of its ```sql blocks, on a synced database."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from etl.sync.orders import sync_orders
+from etl.sync.queue import poll_queue_positions
+from tests.sync.helpers import ACCOUNT
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_statements() -> list[str]:
+    blocks = re.findall(r"```sql\n(.*?)```", README.read_text(), re.S)
+    statements = [s.strip() for block in blocks for s in block.split(";")]
+    return [
+        s for s in statements if s and not all(line.startswith("--") for line in s.splitlines())
+    ]
+
+
+def test_the_readmes_queries_run_and_answer(db, client, exchange):
+    sync_orders(db, client, account=ACCOUNT)
+    poll_queue_positions(db, client, account=ACCOUNT)
+    order_id = exchange.resting_ids()[0]
+    statements = readme_statements()
+    assert len(statements) >= 7
+    with db.connect() as conn:
+        for statement in statements:
+            rows = conn.execute(sa.text(statement.replace("<order id>", order_id))).all()
+            assert rows or "rejected_records" in statement, statement  # nothing rejected here
