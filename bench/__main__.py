@@ -165,7 +165,7 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
         now = datetime.now(UTC)
         for i in range(0, len(parsed), PAGE):
             with engine.begin() as conn:
-                upsert_orders(conn, parsed[i : i + PAGE], synced_at=now)
+                upsert_orders(conn, parsed[i : i + PAGE], account="bench", synced_at=now)
 
     t_upsert, _ = timed("guarded upsert, new rows", upsert_all)
     t_replay, _ = timed("guarded upsert, replay (unchanged)", upsert_all)

@@ -151,8 +151,9 @@ def test_prune_keeps_each_orders_latest_snapshot(db, tmp_path, live_simulator):
     assert run(["sync"], live_simulator.env, tmp_path).returncode == 0
     with db.begin() as conn:  # an old, superseded row for one order
         conn.exec_driver_sql(
-            "INSERT INTO queue_position_snapshots (order_id, market_ticker, queue_position, "
-            "captured_at) SELECT order_id, market_ticker, queue_position + 1, "
+            "INSERT INTO queue_position_snapshots (order_id, account, market_ticker, "
+            "queue_position, captured_at) SELECT order_id, account, market_ticker, "
+            "queue_position + 1, "
             "captured_at - interval '200 days' FROM queue_position_snapshots LIMIT 1"
         )
     rows = count(db, "SELECT count(*) FROM queue_position_snapshots")

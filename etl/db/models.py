@@ -40,6 +40,8 @@ class OrderRow(Base):
     __tablename__ = "orders"
 
     order_id: Mapped[str] = mapped_column(primary_key=True)
+    # The account name (the API key id when there is no accounts file): whose order it is.
+    account: Mapped[str]
     user_id: Mapped[str | None]
     client_order_id: Mapped[str | None]
     ticker: Mapped[str]
@@ -86,12 +88,8 @@ class OrderRow(Base):
         Index(None, "created_time"),
         # A queue poll looks for orders that stopped being open since its last run.
         Index(None, "synced_at"),
-        # The open orders each sync cycle settles: small, and read every cycle.
-        Index(
-            "ix_orders_open",
-            "order_id",
-            postgresql_where=text("status IN ('resting', 'pending')"),
-        ),
+        # The open orders of one account, read by every sync cycle and every queue poll.
+        Index(None, "account", "status"),
     )
 
 
@@ -103,6 +101,7 @@ class QueuePositionSnapshotRow(Base):
 
     order_id: Mapped[str] = mapped_column(primary_key=True)
     captured_at: Mapped[datetime] = mapped_column(primary_key=True)
+    account: Mapped[str]
     market_ticker: Mapped[str]
     queue_position: Mapped[Decimal | None] = mapped_column(Contracts)
 

@@ -6,6 +6,7 @@ it covers. A watermark never moves backwards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -146,14 +147,14 @@ class OpenOrder:
     created_time: datetime | None
 
 
-def open_orders(conn: Connection) -> list[OpenOrder]:
-    """Every stored order still resting or pending: the ones a cycle must settle and whose
-    queue positions are polled."""
+def open_orders(conn: Connection, account: str) -> list[OpenOrder]:
+    """Every stored order of ``account`` still resting or pending: the ones a cycle must
+    settle and whose queue positions are polled."""
     rows = conn.execute(
         sa.select(
             orders.c.order_id, orders.c.ticker, orders.c.subaccount_number, orders.c.created_time
         )
-        .where(orders.c.status.in_(("resting", "pending")))
+        .where(orders.c.account == account, orders.c.status.in_(("resting", "pending")))
         .order_by(orders.c.order_id)
     )
     return [
@@ -235,10 +236,14 @@ class StreamHealth:
 
 
 def stream_health(
-    conn: Connection, *, now: datetime, max_age: timedelta | None = None
+    conn: Connection,
+    *,
+    now: datetime,
+    max_age: timedelta | None = None,
+    account: str | None = None,
 ) -> list[StreamHealth]:
-    """Every stream with runs, and what is wrong with it: its last finished run failed, or
-    (with ``max_age``) it has not succeeded for longer than that."""
+    """Every stream with runs (of ``account``, else of all), and what is wrong with it: its
+    last finished run failed, or (with ``max_age``) it has not succeeded for longer than that."""
     rows = conn.execute(
         sa.text(
             """
@@ -250,9 +255,12 @@ def stream_health(
                    (array_agg(error ORDER BY id DESC) FILTER (WHERE status <> 'running'))[1]
                        AS last_error,
                    max(finished_at) FILTER (WHERE status = 'succeeded') AS last_success
-            FROM sync_runs GROUP BY account, stream ORDER BY account, stream
+            FROM sync_runs
+            WHERE CAST(:account AS text) IS NULL OR account = CAST(:account AS text)
+            GROUP BY account, stream ORDER BY account, stream
             """
-        )
+        ),
+        {"account": account},
     ).all()
     health = []
     for row in rows:
@@ -275,6 +283,31 @@ def stream_health(
             )
         )
     return health
+
+
+def last_successes(
+    conn: Connection, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], datetime | None]:
+    """When each (account, stream) of ``keys`` last finished a successful run, whichever
+    process ran it; ``None`` for never. Walks ``sync_runs`` backwards by index, so it stays
+    cheap however long the history."""
+    if not keys:
+        return {}
+    rows = conn.execute(
+        sa.text(
+            """
+            SELECT k.account, k.stream, r.finished_at
+            FROM unnest(CAST(:accounts AS text[]), CAST(:streams AS text[])) AS k(account, stream)
+            LEFT JOIN LATERAL (
+                SELECT s.finished_at FROM sync_runs s
+                WHERE s.account = k.account AND s.stream = k.stream AND s.status = 'succeeded'
+                ORDER BY s.started_at DESC LIMIT 1
+            ) AS r ON true
+            """
+        ),
+        {"accounts": [a for a, _ in keys], "streams": [s for _, s in keys]},
+    )
+    return {(row.account, row.stream): row.finished_at for row in rows}
 
 
 def _age(delta: timedelta) -> str:

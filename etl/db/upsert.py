@@ -40,13 +40,14 @@ R = TypeVar("R", Order, QueuePosition)
 
 ORDER_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Order))
 _STAGE = "kalshi_etl_orders_stage"
-_UPDATABLE = [c for c in ORDER_COLUMNS if c != "order_id"]
+_STAGED = ("account", *ORDER_COLUMNS)  # the columns COPY fills: whose order, then the record
+_UPDATABLE = [c for c in _STAGED if c != "order_id"]
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 _MERGE_SQL = f"""
 WITH merged AS (
-    INSERT INTO orders AS o ({", ".join(ORDER_COLUMNS)}, first_synced_at, synced_at)
-    SELECT {", ".join(ORDER_COLUMNS)}, %(at)s, %(at)s FROM {_STAGE}
+    INSERT INTO orders AS o ({", ".join(_STAGED)}, first_synced_at, synced_at)
+    SELECT {", ".join(_STAGED)}, %(at)s, %(at)s FROM {_STAGE}
     ON CONFLICT (order_id) DO UPDATE SET
         {", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATABLE)},
         synced_at = EXCLUDED.synced_at
@@ -91,13 +92,17 @@ _COLUMNS_BUT_RAW = operator.attrgetter(*ORDER_COLUMNS[:-1])
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def _row(order: Order) -> tuple[Any, ...]:
-    """The COPY row of an order: its columns in ORDER_COLUMNS order, ``raw`` as JSON text."""
-    return (*_COLUMNS_BUT_RAW(order), _JSON.encode(order.raw))
+def _row(account: str, order: Order) -> tuple[Any, ...]:
+    """The COPY row of an order: the account, then its columns in ORDER_COLUMNS order,
+    ``raw`` as JSON text."""
+    return (account, *_COLUMNS_BUT_RAW(order), _JSON.encode(order.raw))
 
 
-def upsert_orders(conn: Connection, records: Sequence[Order], *, synced_at: datetime) -> Counts:
-    """Write ``records`` into ``orders``, newest version wins; return what happened.
+def upsert_orders(
+    conn: Connection, records: Sequence[Order], *, account: str, synced_at: datetime
+) -> Counts:
+    """Write ``records`` (orders of ``account``) into ``orders``, newest version wins; return
+    what happened.
 
     ``fetched`` counts every record given (duplicates included); ``unchanged`` is what the
     guard left alone, duplicates within the batch included.
@@ -113,9 +118,9 @@ def upsert_orders(conn: Connection, records: Sequence[Order], *, synced_at: date
             f"(LIKE orders INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         cur.execute(f"TRUNCATE {_STAGE}")
-        with cur.copy(f"COPY {_STAGE} ({', '.join(ORDER_COLUMNS)}) FROM STDIN") as copy:
+        with cur.copy(f"COPY {_STAGE} ({', '.join(_STAGED)}) FROM STDIN") as copy:
             for order in batch:
-                copy.write_row(_row(order))
+                copy.write_row(_row(account, order))
         cur.execute(_MERGE_SQL, {"at": synced_at})
         row = cur.fetchone()
     assert row is not None
@@ -149,7 +154,7 @@ def insert_rejected(
             "stream": stream,
             "received_at": received_at,
             "error": storable_text(item.reason),
-            **_payload(item.raw),
+            **rejected_payload(item.raw),
         }
         for item in rejected
     ]
@@ -168,7 +173,8 @@ def insert_rejected(
     return len(rows)
 
 
-def _payload(raw: Any) -> dict[str, Any]:
+def rejected_payload(raw: Any) -> dict[str, Any]:
+    """The ``payload``/``payload_text`` columns of a rejected record."""
     if isinstance(raw, str):
         return {"payload": None, "payload_text": storable_text(raw)}
     if storage_problem(raw) is not None:
@@ -237,8 +243,9 @@ def refusal_safe(attempt: Callable[[bool], T], *, what: str) -> T:
 
 _SNAPSHOT_SQL = sa.text(
     """
-    INSERT INTO queue_position_snapshots (order_id, market_ticker, queue_position, captured_at)
-    SELECT n.order_id, n.market_ticker, n.queue_position, :captured_at
+    INSERT INTO queue_position_snapshots
+        (order_id, account, market_ticker, queue_position, captured_at)
+    SELECT n.order_id, :account, n.market_ticker, n.queue_position, :captured_at
     FROM unnest(CAST(:order_ids AS text[]), CAST(:tickers AS text[]),
                 CAST(:positions AS numeric[])) AS n(order_id, market_ticker, queue_position)
     LEFT JOIN LATERAL (
@@ -252,9 +259,10 @@ _SNAPSHOT_SQL = sa.text(
 
 
 def insert_snapshots(
-    conn: Connection, positions: Sequence[QueuePosition], *, captured_at: datetime
+    conn: Connection, positions: Sequence[QueuePosition], *, account: str, captured_at: datetime
 ) -> Counts:
-    """Write a snapshot for each position first seen or different from its latest row."""
+    """Write a snapshot (of an order of ``account``) for each position first seen or different
+    from its latest row."""
     if not positions:
         return Counts()
     latest = {p.order_id: p for p in positions}
@@ -262,6 +270,7 @@ def insert_snapshots(
         _SNAPSHOT_SQL,
         {
             "captured_at": captured_at,
+            "account": account,
             "order_ids": list(latest),
             "tickers": [p.market_ticker for p in latest.values()],
             "positions": [p.queue_position for p in latest.values()],
@@ -273,13 +282,15 @@ def insert_snapshots(
 
 _CLOSE_SQL = sa.text(
     """
-    INSERT INTO queue_position_snapshots (order_id, market_ticker, queue_position, captured_at)
-    SELECT latest.order_id, latest.market_ticker, NULL, :captured_at
+    INSERT INTO queue_position_snapshots
+        (order_id, account, market_ticker, queue_position, captured_at)
+    SELECT latest.order_id, :account, latest.market_ticker, NULL, :captured_at
     FROM (
         SELECT DISTINCT ON (s.order_id) s.order_id, s.market_ticker, s.queue_position
         FROM queue_position_snapshots s
         JOIN orders o ON o.order_id = s.order_id
-        WHERE o.status NOT IN ('resting', 'pending')
+        WHERE o.account = :account AND s.account = :account
+          AND o.status NOT IN ('resting', 'pending')
           AND (CAST(:since AS timestamptz) IS NULL OR o.synced_at >= CAST(:since AS timestamptz))
         ORDER BY s.order_id, s.captured_at DESC
     ) AS latest
@@ -290,10 +301,12 @@ _CLOSE_SQL = sa.text(
 
 
 def close_snapshots(
-    conn: Connection, *, captured_at: datetime, changed_since: datetime | None
+    conn: Connection, *, account: str, captured_at: datetime, changed_since: datetime | None
 ) -> int:
-    """Write the closing row (``queue_position`` NULL) of each order that is no longer open
-    but whose latest snapshot still holds a position; only orders written since
+    """Write the closing row (``queue_position`` NULL) of each order of ``account`` that is no
+    longer open but whose latest snapshot still holds a position; only orders written since
     ``changed_since`` are looked at (all when ``None``). Returns the rows written."""
-    result = conn.execute(_CLOSE_SQL, {"captured_at": captured_at, "since": changed_since})
+    result = conn.execute(
+        _CLOSE_SQL, {"captured_at": captured_at, "account": account, "since": changed_since}
+    )
     return result.rowcount

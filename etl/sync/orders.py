@@ -184,7 +184,7 @@ def _write(
         written, refused = write_records(
             conn,
             good,
-            lambda c, batch: upsert_orders(c, batch, synced_at=written_at),
+            lambda c, batch: upsert_orders(c, batch, account=run.account, synced_at=written_at),
             one_by_one=one_by_one,
         )
         rejected = insert_rejected(
@@ -323,7 +323,7 @@ class _Failures:
 def settle(run: Run, client: KalshiClient, *, listed_open: set[str]) -> Counts:
     """Fetch, by id, every order stored as open that the resting listing no longer shows."""
     with connection(run.engine) as conn:
-        stale = [o for o in open_orders(conn) if o.order_id not in listed_open]
+        stale = [o for o in open_orders(conn, run.account) if o.order_id not in listed_open]
     if not stale:
         return Counts()
     log.info("settling %d order(s) no longer listed as resting", len(stale))
@@ -448,7 +448,11 @@ def sync_orders(
 
 def _stored_subaccounts(run: Run) -> set[int]:
     with connection(run.engine) as conn:
-        return {o.subaccount_number for o in open_orders(conn) if o.subaccount_number is not None}
+        return {
+            o.subaccount_number
+            for o in open_orders(conn, run.account)
+            if o.subaccount_number is not None
+        }
 
 
 def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Counts, datetime]:

@@ -83,7 +83,7 @@ def poll_queue_positions(
         engine, account, STREAM, "incremental", lock_wait=lock_wait, clock=clock, stop=stop
     ) as run:
         with connection(engine) as conn:
-            held = open_orders(conn)
+            held = open_orders(conn, account)
             previous = read_state(conn, account, STREAM)
         metrics.open_orders(account, len(held))
         by_subaccount: dict[int | None, set[str]] = defaultdict(set)
@@ -144,7 +144,7 @@ def _write(
     with run.transaction() as conn:
 
         def write(c: Connection, batch: Sequence[QueuePosition]) -> Counts:
-            return insert_snapshots(c, batch, captured_at=captured_at)
+            return insert_snapshots(c, batch, account=run.account, captured_at=captured_at)
 
         written, refused = write_records(conn, good, write, one_by_one=one_by_one)
         rejected = insert_rejected(
@@ -154,7 +154,9 @@ def _write(
             account=run.account,
             received_at=captured_at,
         )
-        closed = close_snapshots(conn, captured_at=captured_at, changed_since=closed_since)
+        closed = close_snapshots(
+            conn, account=run.account, captured_at=captured_at, changed_since=closed_since
+        )
         counts = Counts(
             fetched=len(good) + len(bad),
             inserted=written.inserted + closed,

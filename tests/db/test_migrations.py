@@ -3,11 +3,18 @@ with the models, and `kalshi-etl migrate` is idempotent."""
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 
 from etl.db import migrations
+from etl.db.engine import create_engine
 from etl.db.models import metadata
+from etl.db.state import write_state
+from etl.errors import ConfigError
+from etl.sync.orders import sync_orders
+from etl.sync.queue import poll_queue_positions
+from tests.sync.helpers import ACCOUNT
 
 
 def test_upgrade_downgrade_upgrade_and_models_agree(database_server):
@@ -41,4 +48,74 @@ def test_the_contract_columns_and_types_exist(engine):
         pk = sa.inspect(conn).get_pk_constraint("queue_position_snapshots")
         assert pk["constrained_columns"] == ["order_id", "captured_at"]
         indexes = {i["name"] for i in sa.inspect(conn).get_indexes("orders")}
-        assert {"ix_orders_ticker", "ix_orders_last_update_time", "ix_orders_open"} <= indexes
+        assert {"ix_orders_ticker", "ix_orders_last_update_time", "ix_orders_account_status"} <= (
+            indexes
+        )
+        for table in ("orders", "queue_position_snapshots"):
+            account = {c["name"]: c for c in sa.inspect(conn).get_columns(table)}["account"]
+            assert str(account["type"]) == "TEXT" and not account["nullable"]
+
+
+_FINGERPRINT = {
+    "orders": "SELECT count(*), md5(string_agg(to_jsonb(o)::text, '' ORDER BY order_id)) FROM "
+    "(SELECT order_id, status, raw, last_update_time, synced_at FROM orders) o",
+    "queue_position_snapshots": "SELECT count(*), md5(string_agg(to_jsonb(s)::text, '' ORDER BY "
+    "order_id, captured_at)) FROM (SELECT order_id, captured_at, queue_position "
+    "FROM queue_position_snapshots) s",
+    "sync_runs": "SELECT count(*), max(id) FROM sync_runs",
+    "sync_state": "SELECT count(*), md5(string_agg(stream, ',' ORDER BY stream)) FROM sync_state",
+}
+
+
+def _fingerprints(engine: sa.Engine) -> dict[str, tuple[object, ...]]:
+    with engine.connect() as conn:
+        return {t: tuple(conn.exec_driver_sql(q).one()) for t, q in _FINGERPRINT.items()}
+
+
+def test_upgrading_a_database_of_the_previous_release_keeps_every_row(
+    database_server, client, exchange
+):
+    engine = create_engine(database_server.create())
+    try:
+        migrations.upgrade(engine)
+        sync_orders(engine, client, account=ACCOUNT)
+        poll_queue_positions(engine, client, account=ACCOUNT)
+        migrations.downgrade(engine, "0002")  # the schema the previous release created
+        before = _fingerprints(engine)
+        assert (
+            before["orders"][0] == len(exchange.truth()) and before["queue_position_snapshots"][0]
+        )
+        migrations.upgrade(engine)
+        assert _fingerprints(engine) == before
+        with engine.connect() as conn:
+            for table in ("orders", "queue_position_snapshots"):
+                owners = conn.exec_driver_sql(f"SELECT DISTINCT account FROM {table}").scalars()
+                assert list(owners) == [ACCOUNT]
+        # ... and the upgraded database syncs on: nothing new, nothing duplicated.
+        again = sync_orders(engine, client, account=ACCOUNT)
+        assert again.counts.inserted == 0 and again.counts.updated == 0
+    finally:
+        engine.dispose()
+
+
+def test_the_upgrade_stops_when_the_owner_of_existing_rows_is_ambiguous(
+    database_server, client, monkeypatch
+):
+    engine = create_engine(database_server.create())
+    try:
+        migrations.upgrade(engine)
+        sync_orders(engine, client, account=ACCOUNT)
+        migrations.downgrade(engine, "0002")
+        with engine.begin() as conn:
+            write_state(conn, "another-key", "orders", watermark=None)
+        with pytest.raises(ConfigError, match=r"KALSHI_ETL_MIGRATION_ACCOUNT") as caught:
+            migrations.upgrade(engine)
+        assert "it names 2: " in str(caught.value) and "another-key" in str(caught.value)
+        assert migrations.current_revision(engine) == "0002"  # nothing half-done
+        monkeypatch.setenv("KALSHI_ETL_MIGRATION_ACCOUNT", ACCOUNT)
+        migrations.upgrade(engine)
+        assert migrations.current_revision(engine) == migrations.head_revision()
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT DISTINCT account FROM orders").scalar() == ACCOUNT
+    finally:
+        engine.dispose()

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from etl.db.upsert import Counts, insert_rejected, upsert_orders
 from etl.kalshi.parse import Order, Rejected, parse_order
+from tests.sync.helpers import ACCOUNT
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -36,7 +37,7 @@ def order(
 
 def write(engine, *orders: Order) -> Counts:
     with engine.begin() as conn:
-        return upsert_orders(conn, list(orders), synced_at=T0)
+        return upsert_orders(conn, list(orders), account=ACCOUNT, synced_at=T0)
 
 
 def stored(engine, order_id: str = "o1") -> sa.Row[Any]:
@@ -101,7 +102,9 @@ def test_the_newest_of_duplicates_in_one_batch_wins(db):
 def test_first_synced_at_is_kept_and_synced_at_moves(db):
     write(db, order())
     with db.begin() as conn:
-        upsert_orders(conn, [order(fill_count=1)], synced_at=datetime(2026, 2, 1, tzinfo=UTC))
+        upsert_orders(
+            conn, [order(fill_count=1)], account=ACCOUNT, synced_at=datetime(2026, 2, 1, tzinfo=UTC)
+        )
     with db.connect() as conn:
         first, last = conn.execute(sa.text("SELECT first_synced_at, synced_at FROM orders")).one()
     assert first == T0 and last == datetime(2026, 2, 1, tzinfo=UTC)
@@ -132,7 +135,7 @@ def test_rejected_records_keep_payload_and_reason(db):
 def test_a_write_is_rolled_back_with_its_transaction(db):
     try:
         with db.begin() as conn:
-            upsert_orders(conn, [order()], synced_at=T0)
+            upsert_orders(conn, [order()], account=ACCOUNT, synced_at=T0)
             raise RuntimeError("crash before commit")
     except RuntimeError:
         pass

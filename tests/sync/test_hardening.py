@@ -201,7 +201,7 @@ def test_an_order_id_that_is_not_a_path_segment_is_recorded_not_fetched(db, clie
     odd = parse_order({"order_id": ".", "ticker": exchange.tickers[0], "status": "resting"})
     assert isinstance(odd, Order)
     with db.begin() as conn:
-        upsert_orders(conn, [odd], synced_at=NOW)
+        upsert_orders(conn, [odd], account=ACCOUNT, synced_at=NOW)
     sync_orders(db, client, account=ACCOUNT)
     assert runs(db)[-1].status == "succeeded"
     assert (
