@@ -9,6 +9,7 @@ only with ``--debug``). Commands are thin: the work is in ``etl.sync``, ``etl.db
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +31,7 @@ from sqlalchemy.engine import Engine
 
 from etl import __version__
 from etl.config import (
+    Account,
     Settings,
     default_home,
     environment,
@@ -149,41 +151,65 @@ def database_lines(settings: Settings, engine: Engine) -> list[str]:
     ]
 
 
-def account_of(settings: Settings) -> str:
-    if not settings.api_key_id:
+def chosen_accounts(settings: Settings, name: str | None = None) -> tuple[Account, ...]:
+    """The accounts a command works on: all configured, or the one ``--account`` names."""
+    accounts = settings.accounts()
+    if not accounts:
         raise ConfigError(
             "KALSHI_API_KEY_ID is not set: set it and KALSHI_PRIVATE_KEY_PATH to your Kalshi "
-            "API key (or try the simulator: kalshi-etl simulate > .env)"
+            "API key, or KALSHI_ETL_ACCOUNTS to an accounts file (or try the simulator: "
+            "kalshi-etl simulate > .env)"
         )
-    return settings.api_key_id
+    if name is None:
+        return accounts
+    for account in accounts:
+        if account.name == name:
+            return (account,)
+    where = f"in {settings.accounts_file}" if settings.accounts_file else "configured"
+    raise ConfigError(
+        f"--account {name}: no such account {where}; the accounts are: "
+        + ", ".join(a.name for a in accounts)
+    )
 
 
-def open_client(settings: Settings, *, cancel: threading.Event | None = None) -> KalshiClient:
-    """A signed client for the configured account; ``cancel`` cuts its waits short."""
-    key_id = account_of(settings)
-    if settings.private_key_path is not None:
-        key = read_private_key_file(settings.private_key_path)
-    elif settings.private_key_pem is not None:
-        key = load_private_key(settings.private_key_pem.encode(), source="KALSHI_PRIVATE_KEY")
+def open_client(
+    account: Account, settings: Settings, *, cancel: threading.Event | None = None
+) -> KalshiClient:
+    """A signed client for ``account``, with its own read budget; ``cancel`` cuts its waits
+    short."""
+    if account.private_key_path is not None:
+        key = read_private_key_file(account.private_key_path)
+    elif account.private_key_pem is not None:
+        source = (
+            "KALSHI_PRIVATE_KEY"
+            if settings.accounts_file is None
+            else (f"private_key of account {account.name!r} in {settings.accounts_file}")
+        )
+        key = load_private_key(account.private_key_pem.encode(), source=source)
     else:
         raise ConfigError(
             "KALSHI_PRIVATE_KEY_PATH is not set: point it at the PEM file of your API key "
             "(or put the PEM text in KALSHI_PRIVATE_KEY)"
         )
     return KalshiClient(
-        settings.api_base,
-        auth=KalshiAuth(key_id, key),
-        tokens_per_second=settings.read_tokens_per_second,
+        account.api_base,
+        auth=KalshiAuth(account.key_id, key),
+        tokens_per_second=account.read_tokens_per_second,
         page_size=settings.page_size,
         cancel=cancel,
     )
 
 
-def _explain_auth(exc: ApiStatusError, settings: Settings) -> EtlError:
+def _explain_auth(exc: ApiStatusError, account: Account, settings: Settings) -> EtlError:
     if exc.status in (401, 403):
+        which = (
+            "KALSHI_API_KEY_ID and its private key"
+            if settings.accounts_file is None
+            else f"key_id and private key of account {account.name!r} in {settings.accounts_file}"
+        )
         return ConfigError(
-            f"{exc}; check KALSHI_API_KEY_ID and its private key, and that the key belongs to "
-            f"{settings.api_base} (demo and production keys differ)"
+            f"{exc}; check {which}, and that the key belongs to {account.api_base} (demo and "
+            "production keys differ)"
         )
     return exc
 
@@ -199,50 +225,68 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    accounts = chosen_accounts(settings, args.account)
+    clients = [open_client(account, settings) for account in accounts]  # every key, up front
+    engine = open_engine(settings, migrate=True)
+    failed = 0
+    for account, client in zip(accounts, clients, strict=True):
+        with client:
+            failed += _sync_account(args, settings, engine, account, client, many=len(accounts) > 1)
+    if failed:
+        print(f"kalshi-etl: sync failed for {failed} stream(s); see the log above", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _sync_account(
+    args: argparse.Namespace,
+    settings: Settings,
+    engine: Engine,
+    account: Account,
+    client: KalshiClient,
+    *,
+    many: bool,
+) -> int:
+    """One pass over one account's streams; returns how many failed."""
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
 
-    client = open_client(settings)
-    account = account_of(settings)
-    engine = open_engine(settings, migrate=True)
-    failed = 0
+    name = account.name
+    of = f" of {name}" if many else ""
     steps: list[tuple[str, Callable[[], object]]] = []
     if args.orders:
         steps.append(
             (
-                "orders",
-                lambda: sync_orders(engine, client, account=account, lookback=settings.lookback),
+                "orders" + of,
+                lambda: sync_orders(engine, client, account=name, lookback=settings.lookback),
             )
         )
     if args.queue:
         steps.append(
-            ("queue positions", lambda: poll_queue_positions(engine, client, account=account))
+            ("queue positions" + of, lambda: poll_queue_positions(engine, client, account=name))
         )
-    with client:
-        for index, (name, step) in enumerate(steps):
-            try:
-                step()
-            except ApiStatusError as exc:
-                explained = _explain_auth(exc, settings)
-                if isinstance(explained, ConfigError):
-                    raise explained from exc
-                log.error("%s sync failed: %s", name, exc)
-                failed += 1
-            except (ConfigError, StopRequested):
-                raise
-            except ApiTransportError as exc:
-                log.error("%s sync failed: %s", name, exc)
-                failed += 1 + len(steps[index + 1 :])
-                skipped = ", ".join(later for later, _ in steps[index + 1 :])
-                if skipped:
-                    log.error("%s not tried: the API cannot be reached", skipped)
-                break
-            except EtlError as exc:
-                log.error("%s sync failed: %s", name, exc)
-                failed += 1
-    if failed:
-        print(f"kalshi-etl: sync failed for {failed} stream(s); see the log above", file=sys.stderr)
-    return 1 if failed else 0
+    failed = 0
+    for index, (step_name, step) in enumerate(steps):
+        try:
+            step()
+        except ApiStatusError as exc:
+            explained = _explain_auth(exc, account, settings)
+            if isinstance(explained, ConfigError) and not many:
+                raise explained from exc
+            log.error("%s sync failed: %s", step_name, explained)
+            failed += 1
+        except (ConfigError, StopRequested):
+            raise
+        except ApiTransportError as exc:
+            log.error("%s sync failed: %s", step_name, exc)
+            failed += 1 + len(steps[index + 1 :])
+            skipped = ", ".join(later for later, _ in steps[index + 1 :])
+            if skipped:
+                log.error("%s not tried: the API cannot be reached", skipped)
+            break
+        except EtlError as exc:
+            log.error("%s sync failed: %s", step_name, exc)
+            failed += 1
+    return failed
 
 
 class BackfillDisplay:
@@ -310,99 +354,176 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(
             f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})"
         )
-    client = open_client(settings)
+    accounts = chosen_accounts(settings, args.account)
+    clients = [open_client(account, settings) for account in accounts]
     engine = open_engine(settings, migrate=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    display = BackfillDisplay(tty=sys.stderr.isatty())
-    with client, logging_redirect_tqdm():
-        try:
-            result = backfill_orders(
-                engine,
-                client,
-                account=account_of(settings),
-                since=since,
-                until=until,
-                window=args.window,
-                concurrency=args.concurrency,
-                on_progress=display,
-                stop=stop,
-            )
-        except ApiStatusError as exc:
-            raise _explain_auth(exc, settings) from exc
-        except StopRequested:
-            display.close()
-            print(
-                "kalshi-etl: backfill stopped; the windows done are kept: run the same command "
-                "again to resume",
-                file=sys.stderr,
-            )
-            return EXIT_INTERRUPTED
-        finally:
-            display.close()
-    c = result.counts
-    print(
-        f"backfill {since.isoformat()} .. {until.isoformat()}: fetched {c.fetched}, inserted "
-        f"{c.inserted}, updated {c.updated}, unchanged {c.unchanged}, rejected {c.rejected}"
-    )
+    for account, client in zip(accounts, clients, strict=True):
+        if len(accounts) > 1:
+            log.info("backfill of account %s", account.name)
+        display = BackfillDisplay(tty=sys.stderr.isatty())
+        with client, logging_redirect_tqdm():
+            try:
+                result = backfill_orders(
+                    engine,
+                    client,
+                    account=account.name,
+                    since=since,
+                    until=until,
+                    window=args.window,
+                    concurrency=args.concurrency,
+                    on_progress=display,
+                    stop=stop,
+                )
+            except ApiStatusError as exc:
+                raise _explain_auth(exc, account, settings) from exc
+            except StopRequested:
+                display.close()
+                print(
+                    "kalshi-etl: backfill stopped; the windows done are kept: run the same "
+                    "command again to resume",
+                    file=sys.stderr,
+                )
+                return EXIT_INTERRUPTED
+            finally:
+                display.close()
+        c = result.counts
+        of = f" of {account.name}" if len(accounts) > 1 else ""
+        print(
+            f"backfill{of} {since.isoformat()} .. {until.isoformat()}: fetched {c.fetched}, "
+            f"inserted {c.inserted}, updated {c.updated}, unchanged {c.unchanged}, "
+            f"rejected {c.rejected}"
+        )
     return 0
 
 
 def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from etl.health import Liveness, OperatorServer, Readiness
-    from etl.scheduler import run_daemon
+    from etl.scheduler import Job, run_daemon
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
 
     stop = threading.Event()
-    client = open_client(settings, cancel=stop)
-    account = account_of(settings)
+    accounts = chosen_accounts(settings)
+    clients = {a.name: open_client(a, settings, cancel=stop) for a in accounts}
     engine = open_engine(settings, migrate=True)
+    intervals = {"orders": args.orders_every, "queue_positions": args.queue_every}
     port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     liveness = Liveness()
     server = None
     if port is not None:
         readiness = Readiness(
-            engine, account, {"orders": args.orders_every, "queue_positions": args.queue_every}
+            engine,
+            {(a.name, stream): every for a in accounts for stream, every in intervals.items()},
         )
         server = OperatorServer(args.metrics_host, port, liveness=liveness, readiness=readiness)
         server.start()
-    log.info("daemon for account %s on %s; Ctrl-C or SIGTERM stops it", account, settings.api_base)
+    names = ", ".join(a.name for a in accounts)
+    log.info(
+        "daemon for %s %s; Ctrl-C or SIGTERM stops it",
+        "account" if len(accounts) == 1 else f"{len(accounts)} accounts:",
+        names,
+    )
+
+    def orders_job(name: str) -> Job:
+        return lambda stop: sync_orders(
+            engine,
+            clients[name],
+            account=name,
+            lookback=settings.lookback,
+            lock_wait=0,
+            stop=stop,
+        )
+
+    def queue_job(name: str) -> Job:
+        return lambda stop: poll_queue_positions(
+            engine, clients[name], account=name, lock_wait=0, stop=stop
+        )
+
+    jobs: dict[str, tuple[Job, timedelta]] = {}
+    for account in accounts:
+        of = f" of {account.name}" if len(accounts) > 1 else ""
+        jobs["orders" + of] = (orders_job(account.name), args.orders_every)
+        jobs["queue_positions" + of] = (queue_job(account.name), args.queue_every)
 
     def exit_now() -> None:
         logging.shutdown()
         os._exit(0)
 
     try:
-        with client:
-            return run_daemon(
-                {
-                    "orders": (
-                        lambda stop: sync_orders(
-                            engine,
-                            client,
-                            account=account,
-                            lookback=settings.lookback,
-                            lock_wait=0,
-                            stop=stop,
-                        ),
-                        args.orders_every,
-                    ),
-                    "queue_positions": (
-                        lambda stop: poll_queue_positions(
-                            engine, client, account=account, lock_wait=0, stop=stop
-                        ),
-                        args.queue_every,
-                    ),
-                },
-                stop=stop,
-                on_stuck=exit_now,
-                on_tick=liveness.beat,
-            )
+        with contextlib.ExitStack() as open_clients:
+            for client in clients.values():
+                open_clients.enter_context(client)
+            return run_daemon(jobs, stop=stop, on_stuck=exit_now, on_tick=liveness.beat)
     finally:
         if server is not None:
             server.stop()
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.sync.verify import verify_orders
+
+    accounts = chosen_accounts(settings, args.account)
+    clients = [open_client(account, settings) for account in accounts]
+    engine = open_engine(settings, migrate=True)
+    differing = 0
+    for account, client in zip(accounts, clients, strict=True):
+        with client:
+            try:
+                result = verify_orders(
+                    engine, client, account=account.name, repair=args.repair, examples=args.examples
+                )
+            except ApiStatusError as exc:
+                raise _explain_auth(exc, account, settings) from exc
+        for line in verify_lines(result):
+            print(line)
+        differing += not result.equal
+    return 1 if differing else 0
+
+
+_KIND_TEXT = {
+    "missing": "missing (listed, not in orders)",
+    "stale": "stale (orders holds an older version)",
+    "extra": "extra (in orders, not listed)",
+    "unrecorded": "malformed records not in rejected_records",
+}
+
+
+def verify_lines(result: Any) -> list[str]:
+    """The report of ``kalshi-etl verify`` for one account."""
+    before = result.before
+    lines = [
+        f"verify {result.account}: the API lists {before.listed} orders"
+        + (f" and {before.listed_rejected} malformed records" if before.listed_rejected else "")
+        + f"; orders holds {before.stored} for this account"
+    ]
+
+    def describe(comparison: Any, indent: str) -> None:
+        for kind, text in _KIND_TEXT.items():
+            n = comparison.counts[kind]
+            if n:
+                ids = comparison.examples[kind]
+                more = f" and {n - len(ids)} more" if n > len(ids) else ""
+                lines.append(f"{indent}{n} {text}: {', '.join(ids)}{more}")
+
+    describe(before, "  ")
+    if result.repaired is not None:
+        r = result.repaired
+        lines.append(
+            f"  repaired: inserted {r.inserted}, updated {r.updated}, unchanged {r.unchanged}, "
+            f"rejected records written {r.rejected}"
+        )
+        describe(result.after, "  after the repair, ")
+    if result.equal:
+        lines.append(
+            "  equal: every listed order is in orders, up to date"
+            + (" (after the repair)" if result.repaired is not None else "")
+        )
+    else:
+        lines.append("  DIFFERENT" + ("" if result.repaired else " (--repair writes what differs)"))
+    return lines
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
@@ -426,10 +547,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if migrations.current_revision(engine) is None:
         print("no kalshi-etl schema yet: run kalshi-etl migrate")
         return EXIT_UNHEALTHY if args.max_age is not None else 0
-    for line in status_lines(engine):
+    if args.account is not None and migrations.current_revision(engine) != (
+        migrations.head_revision()
+    ):
+        raise ConfigError("--account needs the current schema: run kalshi-etl migrate first")
+    for line in status_lines(engine, args.account):
         print(line)
     with connection(engine) as conn:
-        health = stream_health(conn, now=datetime.now(UTC), max_age=args.max_age)
+        health = stream_health(
+            conn, now=datetime.now(UTC), max_age=args.max_age, account=args.account
+        )
     problems = [h for h in health if h.problem is not None]
     if args.max_age is not None and not health:
         print("health      UNHEALTHY: no sync has run yet")
@@ -442,15 +569,23 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def status_lines(engine: Engine) -> list[str]:
-    """The report of ``kalshi-etl status``: streams, their last runs, table sizes."""
+def status_lines(engine: Engine, account: str | None = None) -> list[str]:
+    """The report of ``kalshi-etl status``: streams, their last runs, table sizes (of
+    ``account`` only, when given)."""
     lines: list[str] = []
+
+    def of(table: sa.Table) -> list[sa.ColumnElement[bool]]:
+        return [] if account is None else [table.c.account == account]
+
     with engine.connect() as conn:
-        states = conn.execute(sa.select(sync_state).order_by("account", "stream")).all()
+        states = conn.execute(
+            sa.select(sync_state).where(*of(sync_state)).order_by("account", "stream")
+        ).all()
         last_runs = {
             (r.account, r.stream): r
             for r in conn.execute(
                 sa.select(sync_runs)
+                .where(*of(sync_runs))
                 .distinct(sync_runs.c.account, sync_runs.c.stream)
                 .order_by(sync_runs.c.account, sync_runs.c.stream, sync_runs.c.id.desc())
             )
@@ -482,12 +617,16 @@ def status_lines(engine: Engine) -> list[str]:
                 )
                 if run.error:
                     lines.append(f"  error       {run.error}")
-        lines.append("rows")
+        lines.append("rows" if account is None else f"rows of account {account}")
         for table in (orders, queue_position_snapshots, sync_runs, sync_state, rejected_records):
-            count = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+            count = conn.execute(
+                sa.select(sa.func.count()).select_from(table).where(*of(table))
+            ).scalar_one()
             lines.append(f"  {table.name:<26}{count}")
         open_count = conn.execute(
-            sa.select(sa.func.count()).select_from(orders).where(orders.c.status == "resting")
+            sa.select(sa.func.count())
+            .select_from(orders)
+            .where(orders.c.status == "resting", *of(orders))
         ).scalar_one()
         lines.append(f"  {'(resting orders)':<26}{open_count}")
     return lines
@@ -559,6 +698,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         simulator = demo.start_simulator(settings.home)
         settings = replace(
             settings,
+            accounts_file=None,
+            file_accounts=(),
             api_base=simulator.api_base,
             api_key_id=simulator.key_id,
             private_key_path=simulator.key_path,
@@ -578,11 +719,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             print("demo: " + line, flush=True)
         if simulator is not None:
             demo.reset_simulated_data(engine)
-        with open_client(settings) as client:
+        [account] = chosen_accounts(settings)[:1]
+        with open_client(account, settings) as client:
             for line in demo.run(
                 engine,
                 client,
-                account=account_of(settings),
+                account=account.name,
                 exchange=simulator.exchange if simulator else None,
                 cycles=args.cycles,
                 lookback=settings.lookback,
@@ -595,7 +737,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         for line in database_lines(settings, engine):
             print(line)
     except ApiStatusError as exc:
-        raise _explain_auth(exc, settings) from exc
+        raise _explain_auth(exc, account, settings) from exc
     finally:
         if simulator is not None:
             simulator.stop()
@@ -681,7 +823,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("migrate", cmd_migrate, "create or upgrade the schema (alembic upgrade head)")
 
-    p = add("sync", cmd_sync, "one incremental pass: orders, then queue positions")
+    account_option = _Parser(add_help=False)
+    account_option.add_argument(
+        "--account",
+        metavar="NAME",
+        default=None,
+        help="only this account (its name in KALSHI_ETL_ACCOUNTS; default: every account)",
+    )
+
+    def add_for_accounts(
+        name: str, func: Callable[[argparse.Namespace, Settings], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common, account_option], help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add_for_accounts("sync", cmd_sync, "one incremental pass: orders, then queue positions")
     p.add_argument(
         "--orders",
         action=argparse.BooleanOptionalAction,
@@ -695,7 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="poll queue positions (default: yes)",
     )
 
-    p = add("backfill", cmd_backfill, "one-off resumable load of every order in [since, until)")
+    p = add_for_accounts(
+        "backfill", cmd_backfill, "one-off resumable load of every order in [since, until)"
+    )
     p.add_argument("--since", required=True, help="ISO-8601 time or Unix seconds")
     p.add_argument("--until", help="ISO-8601 time or Unix seconds (default: now)")
     p.add_argument(
@@ -745,12 +904,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="age of the snapshots to delete, e.g. 90d",
     )
 
-    p = add("status", cmd_status, "watermarks, last runs, row counts and health")
+    p = add_for_accounts("status", cmd_status, "watermarks, last runs, row counts and health")
     p.add_argument(
         "--max-age",
         type=_duration,
         default=None,
         help="exit 1 also when a stream has not succeeded for this long, e.g. 5m",
+    )
+
+    p = add_for_accounts(
+        "verify",
+        cmd_verify,
+        "compare orders with the complete listing of the API (both tiers); exit 1 on a difference",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="write the API's version of every missing or stale order",
+    )
+    p.add_argument(
+        "--examples",
+        type=_number(int, 0, 10_000),
+        default=5,
+        help="order ids listed per kind of difference (default 5)",
     )
 
     p = add("psql", cmd_psql, "open psql on the database (the embedded one included)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,18 @@ PRODUCTION_API_BASE = "https://api.elections.kalshi.com/trade-api/v2"
 DEMO_API_BASE = "https://demo-api.kalshi.co/trade-api/v2"
 
 LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True)
+class Account:
+    """One Kalshi account to sync: its name in the tables, its key, its API and read budget."""
+
+    name: str
+    key_id: str
+    private_key_path: Path | None = None
+    private_key_pem: str | None = field(default=None, repr=False)
+    api_base: str = PRODUCTION_API_BASE
+    read_tokens_per_second: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -40,11 +53,33 @@ class Settings:
     lookback: timedelta = timedelta(minutes=5)
     log_format: LogFormat = "text"
     metrics_port: int | None = None
+    accounts_file: Path | None = None
+    file_accounts: tuple[Account, ...] = ()
 
     @property
     def has_credentials(self) -> bool:
         """True when a key id and a private key (path or text) are configured."""
+        if self.accounts_file is not None:
+            return bool(self.file_accounts)
         return bool(self.api_key_id) and bool(self.private_key_path or self.private_key_pem)
+
+    def accounts(self) -> tuple[Account, ...]:
+        """The accounts to sync: those of the accounts file, else the one of the environment
+        (named by its key id), else none."""
+        if self.accounts_file is not None:
+            return self.file_accounts
+        if not self.api_key_id:
+            return ()
+        return (
+            Account(
+                name=self.api_key_id,
+                key_id=self.api_key_id,
+                private_key_path=self.private_key_path,
+                private_key_pem=self.private_key_pem,
+                api_base=self.api_base,
+                read_tokens_per_second=self.read_tokens_per_second,
+            ),
+        )
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -166,6 +201,104 @@ def environment(*, cwd: Path | None = None) -> dict[str, str]:
     return merged
 
 
+def _api_base(value: str, name: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value) or not urlsplit(value).path.rstrip("/").endswith(
+        "/trade-api/v2"
+    ):
+        raise ConfigError(
+            f"{name}: expected an http(s) URL ending in /trade-api/v2 (like "
+            f"{PRODUCTION_API_BASE}), got {value!r}"
+        )
+    return value.rstrip("/")
+
+
+_ACCOUNT_KEYS = {
+    "name",
+    "key_id",
+    "private_key_path",
+    "private_key",
+    "api_base",
+    "read_tokens_per_second",
+}
+_NAME = re.compile(r"^[^\s\x00-\x1f]{1,100}$")
+
+
+def read_accounts_file(
+    path: Path, *, api_base: str, read_tokens_per_second: float
+) -> tuple[Account, ...]:
+    """The ``[[account]]`` entries of the TOML file at ``path``, validated.
+
+    ``api_base`` and ``read_tokens_per_second`` are the defaults of entries that do not set
+    them; a relative ``private_key_path`` is relative to the file's folder.
+
+    Raises:
+        ConfigError: naming the file, the entry and the key that is wrong.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"KALSHI_ETL_ACCOUNTS: cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"KALSHI_ETL_ACCOUNTS: {path} is not valid TOML: {exc}") from None
+    entries = data.get("account")
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(isinstance(e, dict) for e in entries)
+    ):
+        raise ConfigError(
+            f"KALSHI_ETL_ACCOUNTS: {path} has no [[account]] tables; each account needs "
+            "name, key_id and private_key_path (or private_key)"
+        )
+    accounts: list[Account] = []
+    for number, entry in enumerate(entries, 1):
+        where = f"KALSHI_ETL_ACCOUNTS: {path}, [[account]] #{number}"
+        unknown = sorted(set(entry) - _ACCOUNT_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r} (expected {', '.join(sorted(_ACCOUNT_KEYS))})"
+            )
+
+        def text(key: str, entry: dict[str, object] = entry, where: str = where) -> str | None:
+            value = entry.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{where}: {key} must be a non-empty string")
+            return value.strip()
+
+        name, key_id = text("name"), text("key_id")
+        if name is None or key_id is None:
+            raise ConfigError(f"{where}: {'name' if name is None else 'key_id'} is missing")
+        if not _NAME.match(name):
+            raise ConfigError(f"{where}: name {name!r} must be 1-100 characters without spaces")
+        where = f"KALSHI_ETL_ACCOUNTS: {path}, account {name!r}"
+        key_path, pem = text("private_key_path", where=where), text("private_key", where=where)
+        if (key_path is None) == (pem is None):
+            raise ConfigError(f"{where}: set exactly one of private_key_path and private_key")
+        tokens = entry.get("read_tokens_per_second", read_tokens_per_second)
+        if isinstance(tokens, bool) or not isinstance(tokens, int | float) or tokens < 0:
+            raise ConfigError(f"{where}: read_tokens_per_second must be a number >= 0")
+        accounts.append(
+            Account(
+                name=name,
+                key_id=key_id,
+                private_key_path=(path.parent / Path(key_path).expanduser()) if key_path else None,
+                private_key_pem=pem,
+                api_base=_api_base(text("api_base", where=where) or api_base, f"{where}: api_base"),
+                read_tokens_per_second=float(tokens),
+            )
+        )
+    for attribute in ("name", "key_id"):
+        values = [getattr(a, attribute) for a in accounts]
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ConfigError(
+                f"KALSHI_ETL_ACCOUNTS: {path}: {attribute} {twice[0]!r} appears more than once"
+            )
+    return tuple(accounts)
+
+
 def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -230,14 +363,17 @@ def from_env(env: Mapping[str, str], *, demo: bool = False, cwd: Path | None = N
     if database_url is not None:
         database_url = normalise_database_url(database_url)
 
-    api_base = DEMO_API_BASE if demo else (get("KALSHI_API_BASE") or PRODUCTION_API_BASE)
-    if not re.match(r"^https?://[^/\s]+", api_base) or not urlsplit(api_base).path.rstrip(
-        "/"
-    ).endswith("/trade-api/v2"):
-        raise ConfigError(
-            f"KALSHI_API_BASE: expected an http(s) URL ending in /trade-api/v2 (like "
-            f"{PRODUCTION_API_BASE}), got {api_base!r}"
-        )
+    api_base = _api_base(
+        DEMO_API_BASE if demo else (get("KALSHI_API_BASE") or PRODUCTION_API_BASE),
+        "KALSHI_API_BASE",
+    )
+    read_tokens = _positive_float(env, "KALSHI_READ_TOKENS_PER_SECOND", 200.0)
+    accounts_file = Path(raw).expanduser() if (raw := get("KALSHI_ETL_ACCOUNTS")) else None
+    file_accounts = (
+        read_accounts_file(accounts_file, api_base=api_base, read_tokens_per_second=read_tokens)
+        if accounts_file is not None
+        else ()
+    )
 
     log_format = (get("KALSHI_ETL_LOG_FORMAT") or "text").lower()
     if log_format not in ("text", "json"):
@@ -251,13 +387,15 @@ def from_env(env: Mapping[str, str], *, demo: bool = False, cwd: Path | None = N
     return Settings(
         database_url=database_url,
         home=Path(home).expanduser() if (home := get("KALSHI_ETL_HOME")) else default_home(cwd),
-        api_base=api_base.rstrip("/"),
+        api_base=api_base,
         api_key_id=get("KALSHI_API_KEY_ID"),
         private_key_path=Path(key_path).expanduser() if key_path else None,
         private_key_pem=pem,
-        read_tokens_per_second=_positive_float(env, "KALSHI_READ_TOKENS_PER_SECOND", 200.0),
+        read_tokens_per_second=read_tokens,
         page_size=_page_size(env),
         lookback=parse_duration(get("KALSHI_ETL_LOOKBACK") or "5m", name="KALSHI_ETL_LOOKBACK"),
         log_format=log_format,  # type: ignore[arg-type]
         metrics_port=_port(env, "KALSHI_ETL_METRICS_PORT"),
+        accounts_file=accounts_file,
+        file_accounts=file_accounts,
     )

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -27,6 +28,7 @@ from sqlalchemy.engine import Engine
 
 from etl import metrics
 from etl.db.engine import connection
+from etl.db.state import last_successes
 from etl.errors import ConfigError, DatabaseError
 
 log = logging.getLogger(__name__)
@@ -50,50 +52,62 @@ class Liveness:
 
 
 class Readiness:
-    """Whether the daemon is doing its job: the database answers and each stream of
-    ``account`` (name → interval) succeeded within :data:`READY_INTERVALS` intervals."""
+    """Whether the daemon is doing its job: the database answers and each (account, stream)
+    of ``streams`` (→ its interval) succeeded within :data:`READY_INTERVALS` intervals.
+
+    A success counts whichever replica ran it (``sync_runs`` is shared): replicas that skip
+    a job because another one holds its lock are as ready as the one running it.
+    """
 
     def __init__(
         self,
         engine: Engine,
-        account: str,
-        streams: Mapping[str, timedelta],
+        streams: Mapping[tuple[str, str], timedelta],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
-        self.account = account
         self.streams = dict(streams)
         self._clock = clock
 
     def check(self) -> tuple[bool, dict[str, Any]]:
         now = self._clock()
         problems: list[str] = []
+        shared: dict[tuple[str, str], datetime | None] = {}
         try:
             with connection(self.engine) as conn:
                 conn.execute(sa.text("SELECT 1"))
+                shared = last_successes(conn, list(self.streams))
             database: dict[str, Any] = {"ok": True}
         except DatabaseError as exc:
             database = {"ok": False, "error": str(exc)}
             problems.append(f"database: {exc}")
-        streams: dict[str, Any] = {}
-        for stream, every in self.streams.items():
-            status = metrics.STREAMS.get(self.account, stream)
+        streams: list[dict[str, Any]] = []
+        for (account, stream), every in self.streams.items():
+            status = metrics.STREAMS.get(account, stream)
+            anywhere = shared.get((account, stream))
+            if anywhere is not None and (
+                status.last_success is None or anywhere.timestamp() > status.last_success
+            ):
+                status = replace(status, last_success=anywhere.timestamp())
             limit = READY_INTERVALS * every.total_seconds()
             reason = _lateness(status, now=now, limit=limit)
-            streams[stream] = {
-                "ok": reason is None,
-                "last_success": _iso(status.last_success),
-                "last_error": status.last_error,
-                "interval_seconds": every.total_seconds(),
-                **({"reason": reason} if reason else {}),
-            }
+            streams.append(
+                {
+                    "account": account,
+                    "stream": stream,
+                    "ok": reason is None,
+                    "last_success": _iso(status.last_success),
+                    "last_error": status.last_error,
+                    "interval_seconds": every.total_seconds(),
+                    **({"reason": reason} if reason else {}),
+                }
+            )
             if reason:
-                problems.append(f"{stream}: {reason}")
+                problems.append(f"{stream} of {account}: {reason}")
         ready = not problems
         body = {
             "status": "ready" if ready else "not ready",
-            "account": self.account,
             "database": database,
             "streams": streams,
             "problems": problems,

@@ -60,9 +60,8 @@ def account() -> str:
 @pytest.fixture
 def operator(db, account):
     liveness = Liveness()
-    readiness = Readiness(
-        db, account, {"orders": timedelta(seconds=0.3), "queue_positions": timedelta(seconds=0.3)}
-    )
+    every = timedelta(seconds=0.3)
+    readiness = Readiness(db, {(account, "orders"): every, (account, "queue_positions"): every})
     server = OperatorServer("127.0.0.1", 0, liveness=liveness, readiness=readiness)
     server.start()
     host, port = server.address
@@ -171,8 +170,8 @@ def test_readyz_is_503_while_the_api_answers_500s_for_3_intervals_then_200(
         assert time.monotonic() - failing_since >= 2 * every.total_seconds()
         body = httpx.get(url + "/readyz").json()
         assert body["status"] == "not ready" and body["database"] == {"ok": True}
-        late = [s for s, v in body["streams"].items() if not v["ok"]]
-        assert late and all("500" in body["streams"][s]["reason"] for s in late)
+        late = [s for s in body["streams"] if not s["ok"]]
+        assert late and all("500" in s["reason"] and s["account"] == account for s in late)
         assert httpx.get(url + "/healthz").status_code == 200  # alive, just not ready
         live_simulator.app.faults.error_rate = 0.0
         wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, timeout=20)
@@ -184,7 +183,7 @@ def test_readyz_is_503_while_the_api_answers_500s_for_3_intervals_then_200(
 
 def test_readyz_is_503_when_the_database_does_not_answer(account):
     dead = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:9/none")
-    ready, body = Readiness(dead, account, {}).check()
+    ready, body = Readiness(dead, {(account, "orders"): timedelta(seconds=1)}).check()
     assert not ready and not body["database"]["ok"]
     assert "127.0.0.1" in body["database"]["error"]
 
@@ -207,7 +206,7 @@ def test_a_port_in_use_is_a_one_line_config_error(db, account):
                 "127.0.0.1",
                 taken.getsockname()[1],
                 liveness=Liveness(),
-                readiness=Readiness(db, account, {}),
+                readiness=Readiness(db, {}),
             )
     finally:
         taken.close()

@@ -49,21 +49,25 @@ _REASONS = {
 
 @dataclass
 class Faults:
-    """Fault injection: a fraction of 5xx answers, a delay per request, a fraction of order
-    pages carrying one extra malformed record."""
+    """Fault injection: a fraction of 5xx answers, of 429s, of slow answers, a delay per
+    request, a fraction of order pages carrying one extra malformed record."""
 
     error_rate: float = 0.0
     error_status: int = 503
     latency: float = 0.0
     malformed_rate: float = 0.0
+    throttle_rate: float = 0.0  # 429 {"error": "too many requests"}, as the live API sends
+    slow_rate: float = 0.0  # answers delayed by slow_seconds more
+    slow_seconds: float = 0.5
 
 
 class SimulatorApp:
-    """WSGI app serving ``exchange``.
+    """WSGI app serving ``exchange`` (and, for several accounts, one exchange per key).
 
     Args:
         exchange: the state to serve (shared; access is serialised by a lock).
         public_keys: key id → RSA public key accepted for signatures.
+        exchanges: key id → the account that key reads; keys not named read ``exchange``.
         tokens_per_second: per-key read budget (0 = no limit); costs as the live API.
         faults: what to inject.
         wall_clock: seconds since the epoch, for signature freshness.
@@ -83,8 +87,10 @@ class SimulatorApp:
         advance: bool = True,
         seed: int = 0,
         bucket_clock: Callable[[], float] = time.monotonic,
+        exchanges: Mapping[str, Exchange] | None = None,
     ) -> None:
         self.exchange = exchange
+        self.exchanges = dict(exchanges or {})
         self.public_keys = dict(public_keys)
         self.faults = faults or Faults()
         self._wall_clock = wall_clock
@@ -116,14 +122,22 @@ class SimulatorApp:
             return 404, {"code": "not_found", "message": f"no route for {path}"}
         route = path[len(PREFIX) :]
         try:
+            exchange = self.exchange
             if route != "/historical/cutoff":
                 key_id = self._authenticate(environ, method, path)
+                exchange = self.exchanges.get(key_id, self.exchange)
                 cost = SINGLE_COST if route.count("/") == 3 and "queue" not in route else LIST_COST
                 self._spend(key_id, cost)
-            if self.faults.latency:
-                time.sleep(self.faults.latency)
-            if self.faults.error_rate and self._roll() < self.faults.error_rate:
-                return self.faults.error_status, {
+            faults = self.faults
+            delay = faults.latency
+            if faults.slow_rate and self._roll() < faults.slow_rate:
+                delay += faults.slow_seconds
+            if delay:
+                time.sleep(delay)
+            if faults.throttle_rate and self._roll() < faults.throttle_rate:
+                raise ApiFault(429, "too_many_requests", "too many requests")
+            if faults.error_rate and self._roll() < faults.error_rate:
+                return faults.error_status, {
                     "code": "service_unavailable",
                     "message": "injected fault",
                 }
@@ -131,8 +145,9 @@ class SimulatorApp:
                 raise ApiFault(405, "method_not_allowed", f"{method} is not served")
             with self._lock:
                 if self.advance:
-                    self.exchange.advance_to(datetime.fromtimestamp(self._wall_clock(), UTC))
-                return 200, self._route(route, query)
+                    now = datetime.fromtimestamp(self._wall_clock(), UTC)
+                    exchange.advance_to(now)
+                return 200, self._route(exchange, route, query)
         except ApiFault as fault:
             if fault.status == 401:
                 return 401, {"error": {"code": fault.code, "message": fault.message}}
@@ -182,8 +197,7 @@ class SimulatorApp:
         if not bucket.try_acquire(cost):
             raise ApiFault(429, "too_many_requests", "too many requests")
 
-    def _route(self, route: str, query: dict[str, str]) -> Any:
-        ex = self.exchange
+    def _route(self, ex: Exchange, route: str, query: dict[str, str]) -> Any:
         if route == "/portfolio/orders":
             asked = _order_query(query, statuses=True)
             orders, cursor = ex.list_orders(asked)

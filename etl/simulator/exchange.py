@@ -67,6 +67,7 @@ class SimOrder:
     maker_fees: int = 0
     taker_fill_cost: int = 0
     maker_fill_cost: int = 0
+    malformed: bool = False  # always served with an unknown status: no parser can take it
 
     @property
     def remaining(self) -> int:
@@ -100,6 +101,8 @@ class SimOrder:
             "order_group_id": self.order_group_id,
             "cancel_order_on_pause": self.cancel_on_pause,
         }
+        if self.malformed:
+            common["status"] = "teleported"
         if api == "2025":
             common.update(
                 yes_price=yes_price,
@@ -167,6 +170,9 @@ class Exchange:
         live_window: 2026 only: final orders older than this are served only by the
             historical tier.
         events_per_second: trading intensity for :meth:`advance_to`.
+        malformed: the fraction of the initial, final orders that the API always serves
+            malformed (an unknown status): they must end in ``rejected_records``, never in
+            ``orders``. They never change, so every rerun meets them again.
     """
 
     seed: int = 0
@@ -182,6 +188,7 @@ class Exchange:
     # KALSHI.md leaves open whether /historical/orders without `subaccount` serves every
     # subaccount or only 0; False plays the second answer.
     historical_all_subaccounts: bool = True
+    malformed: float = 0.0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -265,6 +272,7 @@ class Exchange:
                     order.filled = self.rng.randint(0, order.initial - 1)
                     self._charge(order, order.filled)
                 order.updated = later
+                order.malformed = self.malformed > 0 and self.rng.random() < self.malformed
             self._add(order)
         self._sorted.sort()
 
@@ -479,8 +487,20 @@ class Exchange:
     # -- truth, for tests and the demo --------------------------------------------------------
 
     def truth(self) -> dict[str, dict[str, Any]]:
-        """Every order as the API would render it now, by id."""
-        return {order_id: order.render(self.api) for order_id, order in self._book.items()}
+        """Every order as the API would render it now, by id (the malformed ones aside)."""
+        return {
+            order_id: order.render(self.api)
+            for order_id, order in self._book.items()
+            if not order.malformed
+        }
+
+    def malformed_records(self) -> dict[str, dict[str, Any]]:
+        """The orders the API serves malformed, as served, by id."""
+        return {
+            order_id: order.render(self.api)
+            for order_id, order in self._book.items()
+            if order.malformed
+        }
 
     def order(self, order_id: str) -> SimOrder:
         return self._book[order_id]

@@ -1,0 +1,203 @@
+"""Compare a complete listing of the API with what ``orders`` holds: what ``verify`` reports.
+
+The listing goes into two session-local tables as it is read (``COPY``, so memory stays flat
+however large the account): the orders that parsed, and the records that did not. The
+comparison is then a few set-based queries:
+
+- **missing**: listed, not in ``orders``;
+- **stale**: stored, but the listing has a newer version (a later ``last_update_time``, or an
+  equal one whose payload differs from every listed version), or it is stored for another
+  account;
+- **extra**: stored for the account, not listed, and first written before the listing began
+  (an order a running daemon wrote meanwhile is not counted);
+- **unrecorded**: a listed record the parser rejects whose payload ``rejected_records`` lacks.
+
+Everything here runs on the one connection the caller holds: the tables are temporary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from etl.db.upsert import rejected_payload
+from etl.kalshi.parse import Order, Rejected
+
+_LISTED = "kalshi_etl_listed"
+_LISTED_BAD = "kalshi_etl_listed_rejected"
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+KINDS = ("missing", "stale", "extra", "unrecorded")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What differs between the listing and the table, with a few order ids of each kind."""
+
+    listed: int
+    listed_rejected: int
+    stored: int
+    counts: dict[str, int]
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def equal(self) -> bool:
+        return not any(self.counts.values())
+
+
+def start_listing(conn: Connection) -> None:
+    """Create (or empty) this session's listing tables."""
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {_LISTED} "
+        "(order_id text NOT NULL, last_update_time timestamptz, raw jsonb NOT NULL)"
+    )
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {_LISTED_BAD} "
+        "(order_id text, error text NOT NULL, payload jsonb, payload_text text)"
+    )
+    conn.exec_driver_sql(f"TRUNCATE {_LISTED}, {_LISTED_BAD}")
+
+
+def add_to_listing(
+    conn: Connection, orders: Sequence[Order], rejected: Sequence[Rejected] = ()
+) -> None:
+    """Add one page of the listing: the orders that parsed and the records that did not."""
+    if orders:
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        with driver.cursor() as cur:
+            with cur.copy(f"COPY {_LISTED} (order_id, last_update_time, raw) FROM STDIN") as copy:
+                for order in orders:
+                    copy.write_row(
+                        (order.order_id, order.last_update_time, _JSON.encode(order.raw))
+                    )
+    for item in rejected:
+        order_id = item.raw.get("order_id") if isinstance(item.raw, dict) else None
+        payload = rejected_payload(item.raw)
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {_LISTED_BAD} (order_id, error, payload, payload_text) "
+                "VALUES (:order_id, :error, CAST(:payload AS jsonb), :payload_text)"
+            ),
+            {
+                "order_id": order_id if isinstance(order_id, str) else None,
+                "error": item.reason,
+                "payload": None if payload["payload"] is None else _JSON.encode(payload["payload"]),
+                "payload_text": payload["payload_text"],
+            },
+        )
+
+
+_NEWEST = f"""
+    SELECT order_id, max(last_update_time) AS newest FROM {_LISTED} GROUP BY order_id
+"""
+
+_QUERIES = {
+    "missing": f"""
+        SELECT l.order_id FROM ({_NEWEST}) l
+        WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = l.order_id)
+    """,
+    "stale": f"""
+        SELECT l.order_id FROM ({_NEWEST}) l JOIN orders o ON o.order_id = l.order_id
+        WHERE o.account <> :account
+           OR l.newest > o.last_update_time
+           OR (o.last_update_time IS NULL AND l.newest IS NOT NULL)
+           OR (l.newest IS NOT DISTINCT FROM o.last_update_time AND NOT EXISTS (
+                SELECT 1 FROM {_LISTED} v
+                WHERE v.order_id = l.order_id
+                  AND v.last_update_time IS NOT DISTINCT FROM l.newest AND v.raw = o.raw))
+    """,
+    "extra": f"""
+        SELECT o.order_id FROM orders o
+        WHERE o.account = :account AND o.first_synced_at < :started
+          AND NOT EXISTS (SELECT 1 FROM {_LISTED} l WHERE l.order_id = o.order_id)
+          AND NOT EXISTS (SELECT 1 FROM {_LISTED_BAD} b WHERE b.order_id = o.order_id)
+    """,
+    "unrecorded": f"""
+        SELECT DISTINCT coalesce(b.order_id, left(coalesce(b.payload::text, b.payload_text), 60))
+        FROM {_LISTED_BAD} b
+        WHERE NOT EXISTS (
+            SELECT 1 FROM rejected_records r
+            WHERE r.stream = 'orders'
+              AND (r.payload = b.payload OR r.payload_text = b.payload_text))
+    """,
+}
+
+
+def compare(conn: Connection, *, account: str, started: datetime, examples: int) -> Comparison:
+    """Compare the listing with the stored orders of ``account``; ``started`` is when the
+    listing began."""
+    params = {"account": account, "started": started}
+    counts: dict[str, int] = {}
+    found: dict[str, list[str]] = {}
+    for kind in KINDS:
+        query = _QUERIES[kind]
+        counts[kind] = conn.execute(
+            sa.text(f"SELECT count(*) FROM ({query}) q"), params
+        ).scalar_one()
+        found[kind] = list(
+            conn.execute(
+                sa.text(f"SELECT * FROM ({query}) q ORDER BY 1 LIMIT :n"), {**params, "n": examples}
+            ).scalars()
+        )
+    listed = conn.execute(sa.text(f"SELECT count(DISTINCT order_id) FROM {_LISTED}")).scalar_one()
+    bad = conn.execute(sa.text(f"SELECT count(*) FROM {_LISTED_BAD}")).scalar_one()
+    stored = conn.execute(
+        sa.text("SELECT count(*) FROM orders WHERE account = :account"), params
+    ).scalar_one()
+    return Comparison(listed, bad, stored, counts, found)
+
+
+def listed_versions(
+    conn: Connection, *, account: str, batch: int = 1000
+) -> Iterator[list[dict[str, Any]]]:
+    """The newest listed payload of every missing or stale order, ``batch`` at a time (in
+    ``order_id`` order, so that memory stays bounded): what a repair writes."""
+    after = ""
+    wanted = f"({_QUERIES['missing']}) UNION ({_QUERIES['stale']})"
+    while True:
+        rows = conn.execute(
+            sa.text(
+                f"""
+                SELECT DISTINCT ON (l.order_id) l.order_id, l.raw FROM {_LISTED} l
+                WHERE l.order_id > :after AND l.order_id IN ({wanted})
+                ORDER BY l.order_id, l.last_update_time DESC NULLS LAST
+                LIMIT :batch
+                """
+            ),
+            {"account": account, "after": after, "batch": batch},
+        ).all()
+        if not rows:
+            return
+        yield [row.raw for row in rows]
+        after = rows[-1].order_id
+
+
+def unrecorded_rejects(conn: Connection) -> list[Rejected]:
+    """The listed records the parser rejected that ``rejected_records`` lacks."""
+    rows = conn.execute(
+        sa.text(
+            f"""
+            SELECT b.error, b.payload, b.payload_text FROM {_LISTED_BAD} b
+            WHERE NOT EXISTS (
+                SELECT 1 FROM rejected_records r
+                WHERE r.stream = 'orders'
+                  AND (r.payload = b.payload OR r.payload_text = b.payload_text))
+            """
+        )
+    ).all()
+    return [
+        Rejected(row.error, row.payload if row.payload is not None else row.payload_text)
+        for row in rows
+    ]
+
+
+def end_listing(conn: Connection) -> None:
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_LISTED}, {_LISTED_BAD}")

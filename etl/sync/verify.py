@@ -1,0 +1,140 @@
+"""``verify``: prove that ``orders`` holds every order of an account, as the API has it now.
+
+It reads the complete listing (every page of the live tier, then of the historical tier where
+the server has one), parses each record as a sync would, and compares (:mod:`etl.db.compare`):
+missing, stale and extra orders, and malformed records missing from ``rejected_records``.
+With ``repair``, it then writes the listed version of every missing or stale order and records
+the unrecorded rejections, under the account's orders lock, as a ``reconcile`` run; and
+compares again.
+
+On an exchange that keeps trading, a listing is a moving picture: an order that changed
+after its page was read shows as stale or missing until the next sync. Extras are judged
+only among orders first stored before the listing began.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Connection, Engine
+
+from etl.db.compare import (
+    Comparison,
+    add_to_listing,
+    compare,
+    end_listing,
+    listed_versions,
+    start_listing,
+    unrecorded_rejects,
+)
+from etl.db.engine import connection
+from etl.db.state import add_to_run, open_orders
+from etl.db.upsert import Counts, insert_rejected, upsert_orders
+from etl.kalshi.client import KalshiClient, Page
+from etl.kalshi.parse import Order, Rejected, parse_order
+from etl.sync.orders import STREAM, historical_pages
+from etl.sync.run import recorded_run, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The comparison, and with a repair what it wrote and the comparison after it."""
+
+    account: str
+    before: Comparison
+    repaired: Counts | None = None
+    after: Comparison | None = None
+
+    @property
+    def equal(self) -> bool:
+        return (self.after or self.before).equal
+
+
+def verify_orders(
+    engine: Engine,
+    client: KalshiClient,
+    *,
+    account: str,
+    repair: bool = False,
+    examples: int = 5,
+    lock_wait: float = 30.0,
+    on_page: Callable[[int], None] | None = None,
+) -> VerifyResult:
+    """Compare the complete listing of ``account`` with ``orders``; repair on ask.
+
+    ``on_page`` is called with the number of records read so far, after each page.
+
+    Raises:
+        ApiError: the listing failed after retries (nothing was written).
+        LockBusyError: ``repair`` could not get the account's orders lock in ``lock_wait``.
+    """
+    started = utcnow()
+    with connection(engine) as conn:  # one session: the listing tables are temporary
+        start_listing(conn)
+        conn.commit()
+        read = 0
+        subaccounts: set[int] = set()
+
+        def take(page: Page) -> None:
+            nonlocal read
+            parsed = [parse_order(item) for item in page.items]
+            good = [p for p in parsed if isinstance(p, Order)]
+            subaccounts.update(o.subaccount_number for o in good if o.subaccount_number is not None)
+            add_to_listing(conn, good, [p for p in parsed if isinstance(p, Rejected)])
+            conn.commit()
+            read += len(page.items)
+            if on_page is not None:
+                on_page(read)
+
+        for page in client.iter_order_pages():
+            take(page)
+        if client.historical_cutoff() is not None:
+            subaccounts.update(
+                o.subaccount_number
+                for o in open_orders(conn, account)
+                if o.subaccount_number is not None
+            )
+            for page in historical_pages(client, subaccounts):
+                take(page)
+        before = compare(conn, account=account, started=started, examples=examples)
+        log.info(
+            "verify %s: listed %d orders and %d malformed records; orders holds %d",
+            account,
+            before.listed,
+            before.listed_rejected,
+            before.stored,
+        )
+        result = VerifyResult(account, before)
+        if repair and not before.equal:
+            repaired = _repair(engine, conn, account, lock_wait)
+            after = compare(conn, account=account, started=started, examples=examples)
+            result = VerifyResult(account, before, repaired, after)
+        end_listing(conn)
+        conn.commit()
+    return result
+
+
+def _repair(engine: Engine, conn: Connection, account: str, lock_wait: float) -> Counts:
+    """Write the listed version of every missing or stale order, and every unrecorded
+    rejection, in a ``reconcile`` run of the account's orders stream."""
+    total = Counts()
+    with recorded_run(engine, account, STREAM, "reconcile", lock_wait=lock_wait) as run:
+        for raws in listed_versions(conn, account=account):
+            orders = [o for o in map(parse_order, raws) if isinstance(o, Order)]
+            with run.transaction() as tx:
+                counts = upsert_orders(tx, orders, account=account, synced_at=utcnow())
+                add_to_run(tx, run.run_id, counts)
+            total += counts
+        bad = unrecorded_rejects(conn)
+        if bad:
+            with run.transaction() as tx:
+                rejected = insert_rejected(
+                    tx, bad, stream=STREAM, account=account, received_at=utcnow()
+                )
+                add_to_run(tx, run.run_id, Counts(fetched=rejected, rejected=rejected))
+            total += Counts(fetched=len(bad), rejected=len(bad))
+    return total
