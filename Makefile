@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The official Kalshi SDK, a test oracle for the API's shapes (see ../shared/KALSHI.md's pip trap).
 SDK := kalshi-python-sync==3.34.0
 
-.PHONY: demo test bench lint fmt clean
+.PHONY: demo test bench lint fmt clean soak
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,8 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .kalshi-etl .pytest_cache .mypy_cache .ruff_cache
+
+# The long soak (10 minutes; SOAK_SECONDS to change): replicas, a backfill and six accounts
+# under faults, kill -9 and a PostgreSQL restart; prints what it injected and verified.
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak.driver --seconds $${SOAK_SECONDS:-600}

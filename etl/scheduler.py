@@ -7,11 +7,18 @@ and ends; the scheduler shuts down and :func:`run_daemon` returns 0. A job still
 that the process can exit at once; its run is closed as interrupted by the next one. A failing
 job is logged on one line (the traceback only at DEBUG level) and tried again at its next
 interval; a busy lock (another process syncing the same account) skips the turn.
+
+Replicas: several daemons on one database try every job on each tick, and the job's
+non-blocking lock lets one run it while the others skip. Each job's first run and every
+later one are shifted by a random fraction (``spread``) of its interval, so that replicas
+started together do not race for the same lock on every tick. A replica that dies releases
+its locks with its connections: another takes its jobs over at its next tick.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 from collections.abc import Callable
@@ -50,14 +57,20 @@ class _Running:
 
 
 def _guarded(name: str, job: Job, stop: threading.Event, running: _Running) -> Callable[[], None]:
+    skipping = False  # in a streak of skipped turns: said once at INFO, then at DEBUG
+
     def run() -> None:
+        nonlocal skipping
         if stop.is_set():
             return
         with running:
             try:
                 job(stop)
+                skipping = False
             except LockBusyError as exc:
-                log.info("%s skipped: %s", name, exc, extra={"stream": name})
+                level = logging.DEBUG if skipping else logging.INFO
+                skipping = True
+                log.log(level, "%s skipped: %s", name, exc, extra={"stream": name})
             except StopRequested:
                 log.info("%s stopped after committing its page in flight", name)
             except EtlError as exc:
@@ -84,9 +97,11 @@ def run_daemon(
     grace: float = 8.0,
     on_stuck: Callable[[], None] | None = None,
     on_tick: Callable[[], None] | None = None,
+    spread: float = 0.1,
 ) -> int:
     """Run ``jobs`` (name → (job, interval)) until ``stop`` is set or a signal arrives.
-    ``on_tick`` is called every half second while the scheduler runs (a liveness beat).
+    ``on_tick`` is called every half second while the scheduler runs (a liveness beat);
+    ``spread`` is the fraction of each interval its runs are shifted by at random.
 
     Returns:
         0 once every running job has ended (or, after ``grace`` seconds, been left behind).
@@ -112,11 +127,13 @@ def run_daemon(
     )
     now = datetime.now(UTC)
     for name, (job, every) in jobs.items():
+        shift = every.total_seconds() * spread
         scheduler.add_job(
             _guarded(name, job, stop, running),
             "interval",
             seconds=every.total_seconds(),
-            next_run_time=now,
+            jitter=shift or None,
+            next_run_time=now + timedelta(seconds=random.uniform(0, shift)),
             id=name,
             name=name,
         )

@@ -3,6 +3,7 @@ transport bound to it, and a real loopback server for end-to-end and CLI tests."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -150,3 +151,98 @@ def wait_until(condition: Callable[[], bool], *, timeout: float = 30, poll: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(poll)
+
+
+# -- several accounts on one simulator ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def account_keys(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[rsa.RSAPrivateKey, Path]]:
+    """Six key pairs and their PEM files, one per simulated account."""
+    folder = tmp_path_factory.mktemp("account-keys")
+    keys = []
+    for number in range(6):
+        key = generate_key()
+        path = folder / f"account{number}.pem"
+        path.write_bytes(private_pem(key))
+        path.chmod(0o600)
+        keys.append((key, path))
+    return keys
+
+
+@dataclass
+class SimAccount:
+    """One simulated account: its name in the tables, its key and its exchange."""
+
+    name: str
+    key: rsa.RSAPrivateKey
+    key_path: Path
+    exchange: Exchange
+
+
+def accounts_app(accounts: list[SimAccount], **options: Any) -> SimulatorApp:
+    """One simulator serving every account, each key reading its own exchange."""
+    return SimulatorApp(
+        accounts[0].exchange,
+        {key_id(a.key): a.key.public_key() for a in accounts},
+        exchanges={key_id(a.key): a.exchange for a in accounts},
+        **options,
+    )
+
+
+def sim_accounts(
+    keys: list[tuple[rsa.RSAPrivateKey, Path]], count: int, **exchange_options: Any
+) -> list[SimAccount]:
+    """``count`` accounts named ``acct-1``…, each on an exchange of its own seed (so their
+    order ids differ)."""
+    return [
+        SimAccount(
+            f"acct-{n}", key, path, Exchange(seed=100 + n, **{"api": "2026", **exchange_options})
+        )
+        for n, (key, path) in enumerate(keys[:count], 1)
+    ]
+
+
+def write_accounts_file(path: Path, accounts: list[SimAccount], base_url: str) -> Path:
+    """The accounts TOML naming each account's key and the simulator."""
+    entries = [
+        f'[[account]]\nname = "{a.name}"\nkey_id = "{key_id(a.key)}"\n'
+        f'private_key_path = "{a.key_path}"\napi_base = "{base_url}"\n'
+        "read_tokens_per_second = 0\n"
+        for a in accounts
+    ]
+    path.write_text("\n".join(entries))
+    return path
+
+
+@dataclass
+class LiveAccounts:
+    """Several accounts served over real HTTP, and the environment a CLI process needs."""
+
+    app: SimulatorApp
+    base_url: str
+    accounts: list[SimAccount]
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def serve_accounts(
+    accounts: list[SimAccount], folder: Path, database_url: str, **options: Any
+) -> Iterator[LiveAccounts]:
+    app = accounts_app(accounts, **options)
+    server = serve(app)
+    host, port = server.server_address[0], server.server_address[1]
+    base = f"http://{host!s}:{port}/trade-api/v2"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("KALSHI", "DATABASE"))},
+        "KALSHI_ETL_ACCOUNTS": str(write_accounts_file(folder / "accounts.toml", accounts, base)),
+        "KALSHI_PAGE_SIZE": "50",
+        "KALSHI_ETL_HOME": os.environ["KALSHI_ETL_HOME"],
+        "DATABASE_URL": database_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    try:
+        yield LiveAccounts(app=app, base_url=base, accounts=accounts, env=env)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,7 +14,7 @@ import pytest
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient
 from etl.simulator.keys import load_or_create
-from tests.fix_exchange import CLI, spawn, wait_until
+from tests.fix_exchange import CLI, NOW, serve_accounts, sim_accounts, spawn, wait_until
 from tests.sync.helpers import assert_table_equals_truth, count
 
 pytestmark = pytest.mark.slow
@@ -364,3 +364,55 @@ def test_the_demo_ignores_credentials_in_dotenv_and_recovers_from_its_leftovers(
     assert "demo: API       the built-in simulator at http://127.0.0.1:" in result.stdout
     assert "demo: database  " in result.stdout
     assert "every one up to date" in result.stdout
+
+
+@pytest.fixture
+def two_accounts(db, database_url, tmp_path, account_keys):
+    accounts = sim_accounts(account_keys, 2, orders=120, now=NOW, events_per_second=0)
+    with serve_accounts(accounts, tmp_path, database_url, advance=False) as live:
+        yield live
+
+
+def test_account_selects_one_account_of_the_accounts_file(db, tmp_path, two_accounts):
+    first, second = two_accounts.accounts
+    result = run(["sync", "--account", first.name], two_accounts.env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_table_equals_truth(db, first.exchange, first.name)
+    assert count(db, f"SELECT count(*) FROM orders WHERE account = '{second.name}'") == 0
+    result = run(["sync"], two_accounts.env, tmp_path)  # without --account: every account
+    assert result.returncode == 0, result.stderr
+    assert_table_equals_truth(db, second.exchange, second.name)
+    status = run(["status", "--account", second.name], two_accounts.env, tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert f"orders (account {second.name})" in status.stdout
+    assert f"account {first.name}" not in status.stdout
+
+
+def test_an_unknown_account_is_a_one_line_error_naming_the_accounts(tmp_path, two_accounts):
+    result = run(["verify", "--account", "nope"], two_accounts.env, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"kalshi-etl: error: --account nope: no such account in "
+        f"{two_accounts.env['KALSHI_ETL_ACCOUNTS']}; the accounts are: acct-1, acct-2"
+    )
+
+
+def test_verify_exits_0_when_equal_1_with_the_differences_listed_and_repairs(
+    db, tmp_path, two_accounts
+):
+    first, _ = two_accounts.accounts
+    assert run(["sync"], two_accounts.env, tmp_path).returncode == 0
+    equal = run(["verify"], two_accounts.env, tmp_path)
+    assert equal.returncode == 0, equal.stdout + equal.stderr
+    assert equal.stdout.count("equal: every listed order is in orders") == 2
+    gone = first.exchange.resting_ids()[0]
+    with db.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM orders WHERE order_id = %s", (gone,))
+    differs = run(["verify", "--account", first.name], two_accounts.env, tmp_path)
+    assert differs.returncode == 1
+    assert f"1 missing (listed, not in orders): {gone}" in differs.stdout
+    assert "DIFFERENT (--repair writes what differs)" in differs.stdout
+    repaired = run(["verify", "--repair", "--account", first.name], two_accounts.env, tmp_path)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "repaired: inserted 1, updated 0" in repaired.stdout
+    assert_table_equals_truth(db, first.exchange, first.name)

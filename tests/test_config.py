@@ -145,3 +145,89 @@ def test_the_cli_finds_the_home_make_demo_left_in_the_working_directory(tmp_path
     assert from_env({}, cwd=tmp_path).home == tmp_path / ".kalshi-etl"
     assert from_env({}, cwd=tmp_path / "elsewhere").home == Path("~/.kalshi-etl").expanduser()
     assert from_env({"KALSHI_ETL_HOME": "/x"}, cwd=tmp_path).home == Path("/x")
+
+
+ACCOUNTS = """
+[[account]]
+name = "main"
+key_id = "key-main"
+private_key_path = "keys/main.pem"
+
+[[account]]
+name = "mm-desk"
+key_id = "key-mm"
+private_key = "-----BEGIN PRIVATE KEY-----\\nMIIB\\n-----END PRIVATE KEY-----"
+api_base = "https://demo-api.kalshi.co/trade-api/v2/"
+read_tokens_per_second = 400
+"""
+
+
+def test_an_accounts_file_names_each_account_with_its_own_key_api_and_budget(tmp_path):
+    path = tmp_path / "accounts.toml"
+    path.write_text(ACCOUNTS)
+    settings = from_env(
+        {"KALSHI_ETL_ACCOUNTS": str(path), "KALSHI_API_KEY_ID": "ignored-when-a-file-is-set"}
+    )
+    main, desk = settings.accounts()
+    assert (main.name, main.key_id, main.private_key_path) == (
+        "main",
+        "key-main",
+        tmp_path / "keys" / "main.pem",  # relative to the file
+    )
+    assert main.api_base == settings.api_base and main.read_tokens_per_second == 200.0
+    assert desk.private_key_pem is not None and desk.private_key_path is None
+    assert desk.api_base == "https://demo-api.kalshi.co/trade-api/v2"
+    assert desk.read_tokens_per_second == 400.0
+    assert "BEGIN" not in repr(settings)
+
+
+def test_without_a_file_the_one_account_of_the_environment_is_named_by_its_key_id():
+    settings = from_env({"KALSHI_API_KEY_ID": "abc-123", "KALSHI_PRIVATE_KEY_PATH": "/k.pem"})
+    [only] = settings.accounts()
+    assert only.name == only.key_id == "abc-123"
+    assert from_env({}).accounts() == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not toml [", "is not valid TOML"),
+        ("[something]\nx = 1\n", "has no [[account]] tables"),
+        ('[[account]]\nname = "a"\nprivate_key_path = "k"\n', "#1: key_id is missing"),
+        (
+            '[[account]]\nname = "a"\nkey_id = "k"\n',
+            "account 'a': set exactly one of private_key_path and private_key",
+        ),
+        (
+            '[[account]]\nname = "a"\nkey_id = "k"\nprivate_key_path = "p"\nprivate_key = "x"\n',
+            "set exactly one of",
+        ),
+        ('[[account]]\nname = "a"\nkey_id = "k"\nprivte_key_path = "p"\n', "unknown key"),
+        ('[[account]]\nname = "a b"\nkey_id = "k"\nprivate_key_path = "p"\n', "without spaces"),
+        (
+            '[[account]]\nname = "a"\nkey_id = "k"\nprivate_key_path = "p"\napi_base = "x"\n',
+            "account 'a': api_base: expected an http(s) URL",
+        ),
+        (
+            '[[account]]\nname = "a"\nkey_id = "k"\nprivate_key_path = "p"\n'
+            "read_tokens_per_second = -1\n",
+            "read_tokens_per_second must be a number >= 0",
+        ),
+        (
+            '[[account]]\nname = "a"\nkey_id = "k"\nprivate_key_path = "p"\n'
+            '[[account]]\nname = "a"\nkey_id = "k2"\nprivate_key_path = "p"\n',
+            "name 'a' appears more than once",
+        ),
+    ],
+)
+def test_a_wrong_accounts_file_is_named_with_the_entry_and_key(tmp_path, text, message):
+    path = tmp_path / "accounts.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="KALSHI_ETL_ACCOUNTS") as caught:
+        from_env({"KALSHI_ETL_ACCOUNTS": str(path)})
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_missing_accounts_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read .*nowhere.toml"):
+        from_env({"KALSHI_ETL_ACCOUNTS": str(tmp_path / "nowhere.toml")})

@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -100,6 +100,8 @@ class SimulatorApp:
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.RLock()  # routes run under it and may roll the fault dice
         self._rng = random.Random(seed ^ 0x5EED)
+        # What was injected, by kind ("5xx", "429", "slow", "malformed"), for soak reports.
+        self.injected: Counter[str] = Counter()
         # The latest requests as (path, query string), for tests; bounded for long runs.
         self.requests: deque[tuple[str, str]] = deque(maxlen=100_000)
 
@@ -132,11 +134,14 @@ class SimulatorApp:
             delay = faults.latency
             if faults.slow_rate and self._roll() < faults.slow_rate:
                 delay += faults.slow_seconds
+                self._count("slow")
             if delay:
                 time.sleep(delay)
             if faults.throttle_rate and self._roll() < faults.throttle_rate:
+                self._count("429")
                 raise ApiFault(429, "too_many_requests", "too many requests")
             if faults.error_rate and self._roll() < faults.error_rate:
+                self._count("5xx")
                 return faults.error_status, {
                     "code": "service_unavailable",
                     "message": "injected fault",
@@ -163,6 +168,10 @@ class SimulatorApp:
     def resume(self) -> None:
         with self._lock:
             self.advance = True
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self.injected[kind] += n
 
     def _roll(self) -> float:
         with self._lock:
@@ -201,10 +210,12 @@ class SimulatorApp:
         if route == "/portfolio/orders":
             asked = _order_query(query, statuses=True)
             orders, cursor = ex.list_orders(asked)
+            self._count_malformed(orders)
             return {"orders": self._maybe_corrupt(orders, asked.limit), "cursor": cursor}
         if route == "/historical/orders":
             asked = _order_query(query, statuses=False)
             orders, cursor = ex.historical_orders(asked)
+            self._count_malformed(orders)
             return {"orders": self._maybe_corrupt(orders, asked.limit), "cursor": cursor}
         if route == "/portfolio/orders/queue_positions":
             tickers = [t for t in query.get("market_tickers", "").split(",") if t]
@@ -238,6 +249,11 @@ class SimulatorApp:
             return ex.queue_position(unquote(parts[3]))
         raise ApiFault(404, "not_found", f"no route for {route}")
 
+    def _count_malformed(self, orders: list[dict[str, Any]]) -> None:
+        served = sum(1 for order in orders if order.get("status") == "teleported")
+        if served:
+            self._count("malformed", served)
+
     def _maybe_corrupt(self, orders: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
         """Add one malformed record to a page that has room for it (a page never holds more
         than its limit)."""
@@ -251,6 +267,7 @@ class SimulatorApp:
         broken = dict(orders[0])
         broken["order_id"] = f"malformed-{self._rng.getrandbits(48):012x}"
         broken["status"] = "teleported"  # an enum value no parser knows
+        self._count("malformed")
         return [*orders, broken]
 
 

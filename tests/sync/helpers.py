@@ -30,22 +30,32 @@ def backfill_history(
     )
 
 
-def stored_orders(engine: Engine) -> dict[str, dict[str, Any]]:
+def stored_orders(engine: Engine, account: str | None = None) -> dict[str, dict[str, Any]]:
+    """``orders`` (of ``account``, else all) as order id → raw payload."""
     with engine.connect() as conn:
         return {
             row.order_id: row.raw
-            for row in conn.execute(sa.text("SELECT order_id, raw FROM orders"))
+            for row in conn.execute(
+                sa.text(
+                    "SELECT order_id, raw FROM orders "
+                    "WHERE CAST(:account AS text) IS NULL OR account = :account"
+                ),
+                {"account": account},
+            )
         }
 
 
-def assert_table_equals_truth(engine: Engine, exchange: Exchange) -> None:
-    stored = stored_orders(engine)
+def assert_table_equals_truth(
+    engine: Engine, exchange: Exchange, account: str | None = None
+) -> None:
+    """``orders`` (the rows of ``account``, else all) equals the exchange's orders."""
+    stored = stored_orders(engine, account)
     truth = exchange.truth()
     missing = truth.keys() - stored.keys()
     extra = stored.keys() - truth.keys()
     stale = [oid for oid in truth.keys() & stored.keys() if stored[oid] != truth[oid]]
     assert not missing and not extra and not stale, (
-        f"{len(missing)} missing, {len(extra)} extra, {len(stale)} stale: "
+        f"{account or 'orders'}: {len(missing)} missing, {len(extra)} extra, {len(stale)} stale: "
         f"{sorted(missing)[:3]} {sorted(extra)[:3]} {stale[:3]}"
     )
 
