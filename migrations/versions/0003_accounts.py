@@ -34,36 +34,14 @@ depends_on: str | Sequence[str] | None = None
 
 OVERRIDE = "KALSHI_ETL_MIGRATION_ACCOUNT"
 
-CURRENT = """
-CREATE VIEW queue_positions_current AS
-SELECT o.order_id, o.ticker, o.subaccount_number, o.outcome_side, o.book_side,
-       o.yes_price_dollars, o.remaining_count_fp, latest.queue_position, latest.captured_at,
-       o.account
-FROM orders o
-LEFT JOIN LATERAL (
-    SELECT s.queue_position, s.captured_at
-    FROM queue_position_snapshots s
-    WHERE s.order_id = o.order_id
-    ORDER BY s.captured_at DESC
-    LIMIT 1
-) AS latest ON true
-WHERE o.status IN ('resting', 'pending')
-"""
 
-INTERVALS = """
-CREATE VIEW queue_position_intervals AS
-SELECT s.order_id, s.market_ticker, s.queue_position, s.captured_at,
-       s.captured_at AS valid_from,
-       lead(s.captured_at) OVER (PARTITION BY s.order_id ORDER BY s.captured_at) AS valid_to,
-       s.account
-FROM queue_position_snapshots s
-"""
-
-# The views of revision 0002, restored by the downgrade.
-CURRENT_0002 = """
+def _views(*, account: bool) -> tuple[str, str]:
+    """The two views of revision 0002, with ``account`` as their last column or without."""
+    current = f"""
 CREATE VIEW queue_positions_current AS
 SELECT o.order_id, o.ticker, o.subaccount_number, o.outcome_side, o.book_side,
        o.yes_price_dollars, o.remaining_count_fp, latest.queue_position, latest.captured_at
+       {", o.account" if account else ""}
 FROM orders o
 LEFT JOIN LATERAL (
     SELECT s.queue_position, s.captured_at
@@ -74,14 +52,15 @@ LEFT JOIN LATERAL (
 ) AS latest ON true
 WHERE o.status IN ('resting', 'pending')
 """
-
-INTERVALS_0002 = """
+    intervals = f"""
 CREATE VIEW queue_position_intervals AS
 SELECT s.order_id, s.market_ticker, s.queue_position, s.captured_at,
        s.captured_at AS valid_from,
        lead(s.captured_at) OVER (PARTITION BY s.order_id ORDER BY s.captured_at) AS valid_to
+       {", s.account" if account else ""}
 FROM queue_position_snapshots s
 """
+    return current, intervals
 
 
 def owner_of_existing_rows(conn: sa.Connection) -> str | None:
@@ -129,8 +108,8 @@ def upgrade() -> None:
     _add_account("queue_position_snapshots", owner)
     op.drop_index("ix_orders_open", table_name="orders")
     op.create_index(op.f("ix_orders_account_status"), "orders", ["account", "status"])
-    op.execute(CURRENT)
-    op.execute(INTERVALS)
+    for view in _views(account=True):
+        op.execute(view)
 
 
 def downgrade() -> None:
@@ -145,5 +124,5 @@ def downgrade() -> None:
     )
     op.drop_column("queue_position_snapshots", "account")
     op.drop_column("orders", "account")
-    op.execute(CURRENT_0002)
-    op.execute(INTERVALS_0002)
+    for view in _views(account=False):
+        op.execute(view)

@@ -3,6 +3,8 @@ with the models, and `kalshi-etl migrate` is idempotent."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -72,50 +74,49 @@ def _fingerprints(engine: sa.Engine) -> dict[str, tuple[object, ...]]:
         return {t: tuple(conn.exec_driver_sql(q).one()) for t, q in _FINGERPRINT.items()}
 
 
-def test_upgrading_a_database_of_the_previous_release_keeps_every_row(
-    database_server, client, exchange
-):
+@pytest.fixture
+def previous_release(database_server, client) -> Iterator[sa.Engine]:
+    """A database of the previous release (revision 0002) holding a synced account."""
     engine = create_engine(database_server.create())
     try:
         migrations.upgrade(engine)
         sync_orders(engine, client, account=ACCOUNT)
         poll_queue_positions(engine, client, account=ACCOUNT)
         migrations.downgrade(engine, "0002")  # the schema the previous release created
-        before = _fingerprints(engine)
-        assert (
-            before["orders"][0] == len(exchange.truth()) and before["queue_position_snapshots"][0]
-        )
-        migrations.upgrade(engine)
-        assert _fingerprints(engine) == before
-        with engine.connect() as conn:
-            for table in ("orders", "queue_position_snapshots"):
-                owners = conn.exec_driver_sql(f"SELECT DISTINCT account FROM {table}").scalars()
-                assert list(owners) == [ACCOUNT]
-        # ... and the upgraded database syncs on: nothing new, nothing duplicated.
-        again = sync_orders(engine, client, account=ACCOUNT)
-        assert again.counts.inserted == 0 and again.counts.updated == 0
+        yield engine
     finally:
         engine.dispose()
+
+
+def test_upgrading_a_database_of_the_previous_release_keeps_every_row(
+    previous_release, client, exchange
+):
+    engine = previous_release
+    before = _fingerprints(engine)
+    assert before["orders"][0] == len(exchange.truth()) and before["queue_position_snapshots"][0]
+    migrations.upgrade(engine)
+    assert _fingerprints(engine) == before
+    with engine.connect() as conn:
+        for table in ("orders", "queue_position_snapshots"):
+            owners = conn.exec_driver_sql(f"SELECT DISTINCT account FROM {table}").scalars()
+            assert list(owners) == [ACCOUNT]
+    # ... and the upgraded database syncs on: nothing new, nothing duplicated.
+    again = sync_orders(engine, client, account=ACCOUNT)
+    assert again.counts.inserted == 0 and again.counts.updated == 0
 
 
 def test_the_upgrade_stops_when_the_owner_of_existing_rows_is_ambiguous(
-    database_server, client, monkeypatch
+    previous_release, monkeypatch
 ):
-    engine = create_engine(database_server.create())
-    try:
+    engine = previous_release
+    with engine.begin() as conn:
+        write_state(conn, "another-key", "orders", watermark=None)
+    with pytest.raises(ConfigError, match=r"KALSHI_ETL_MIGRATION_ACCOUNT") as caught:
         migrations.upgrade(engine)
-        sync_orders(engine, client, account=ACCOUNT)
-        migrations.downgrade(engine, "0002")
-        with engine.begin() as conn:
-            write_state(conn, "another-key", "orders", watermark=None)
-        with pytest.raises(ConfigError, match=r"KALSHI_ETL_MIGRATION_ACCOUNT") as caught:
-            migrations.upgrade(engine)
-        assert "it names 2: " in str(caught.value) and "another-key" in str(caught.value)
-        assert migrations.current_revision(engine) == "0002"  # nothing half-done
-        monkeypatch.setenv("KALSHI_ETL_MIGRATION_ACCOUNT", ACCOUNT)
-        migrations.upgrade(engine)
-        assert migrations.current_revision(engine) == migrations.head_revision()
-        with engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT DISTINCT account FROM orders").scalar() == ACCOUNT
-    finally:
-        engine.dispose()
+    assert "it names 2: " in str(caught.value) and "another-key" in str(caught.value)
+    assert migrations.current_revision(engine) == "0002"  # nothing half-done
+    monkeypatch.setenv("KALSHI_ETL_MIGRATION_ACCOUNT", ACCOUNT)
+    migrations.upgrade(engine)
+    assert migrations.current_revision(engine) == migrations.head_revision()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT DISTINCT account FROM orders").scalar() == ACCOUNT
