@@ -154,10 +154,12 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
             assert isinstance(driver, psycopg.Connection)
             with (
                 driver.cursor() as cur,
-                cur.copy(f"COPY bench_copy ({', '.join(ORDER_COLUMNS)}) FROM STDIN") as copy,
+                cur.copy(
+                    f"COPY bench_copy (account, {', '.join(ORDER_COLUMNS)}) FROM STDIN"
+                ) as copy,
             ):
                 for order in parsed:
-                    copy.write_row(_row(order))
+                    copy.write_row(_row("bench", order))
 
     t_copy, _ = timed("plain COPY", plain_copy)
 
@@ -360,13 +362,19 @@ def measure_queue(engine: sa.Engine) -> dict[str, Any]:
                     with (
                         driver.cursor() as cur,
                         cur.copy(
-                            "COPY bench_queue (order_id, market_ticker, queue_position, "
-                            "captured_at) FROM STDIN"
+                            "COPY bench_queue (order_id, account, market_ticker, "
+                            "queue_position, captured_at) FROM STDIN"
                         ) as copy,
                     ):
                         for i in items:
                             copy.write_row(
-                                (i["order_id"], i["market_ticker"], i["queue_position_fp"], now)
+                                (
+                                    i["order_id"],
+                                    "q",
+                                    i["market_ticker"],
+                                    i["queue_position_fp"],
+                                    now,
+                                )
                             )
 
             t_copy, _ = timed("queue plain COPY", plain_copy)
