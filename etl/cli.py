@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -54,6 +54,10 @@ from etl.errors import ApiStatusError, ApiTransportError, ConfigError, EtlError,
 from etl.kalshi.auth import KalshiAuth, load_private_key, read_private_key_file
 from etl.kalshi.client import KalshiClient
 from etl.sync.orders import BackfillProgress
+
+if TYPE_CHECKING:
+    from etl.db.compare import Comparison
+    from etl.sync.verify import VerifyResult
 
 log = logging.getLogger("etl")
 
@@ -491,7 +495,7 @@ _KIND_TEXT = {
 }
 
 
-def verify_lines(result: Any) -> list[str]:
+def verify_lines(result: VerifyResult) -> list[str]:
     """The report of ``kalshi-etl verify`` for one account."""
     before = result.before
     lines = [
@@ -500,7 +504,7 @@ def verify_lines(result: Any) -> list[str]:
         + f"; orders holds {before.stored} for this account"
     ]
 
-    def describe(comparison: Any, indent: str) -> None:
+    def describe(comparison: Comparison, indent: str) -> None:
         for kind, text in _KIND_TEXT.items():
             n = comparison.counts[kind]
             if n:
@@ -515,7 +519,8 @@ def verify_lines(result: Any) -> list[str]:
             f"  repaired: inserted {r.inserted}, updated {r.updated}, unchanged {r.unchanged}, "
             f"rejected records written {r.rejected}"
         )
-        describe(result.after, "  after the repair, ")
+        if result.after is not None:
+            describe(result.after, "  after the repair, ")
     if result.equal:
         lines.append(
             "  equal: every listed order is in orders, up to date"
