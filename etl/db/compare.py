@@ -32,6 +32,7 @@ from etl.kalshi.parse import Order, Rejected
 
 _LISTED = "kalshi_etl_listed"
 _LISTED_BAD = "kalshi_etl_listed_rejected"
+_REPAIR = "kalshi_etl_listed_differing"
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 KINDS = ("missing", "stale", "extra", "unrecorded")
@@ -99,6 +100,14 @@ _NEWEST = f"""
     SELECT order_id, max(last_update_time) AS newest FROM {_LISTED} GROUP BY order_id
 """
 
+# A listed record the parser rejected whose payload rejected_records does not hold.
+_UNRECORDED = f"""
+    FROM {_LISTED_BAD} b
+    WHERE NOT EXISTS (
+        SELECT 1 FROM rejected_records r
+        WHERE r.stream = 'orders' AND (r.payload = b.payload OR r.payload_text = b.payload_text))
+"""
+
 _QUERIES = {
     "missing": f"""
         SELECT l.order_id FROM ({_NEWEST}) l
@@ -122,11 +131,7 @@ _QUERIES = {
     """,
     "unrecorded": f"""
         SELECT DISTINCT coalesce(b.order_id, left(coalesce(b.payload::text, b.payload_text), 60))
-        FROM {_LISTED_BAD} b
-        WHERE NOT EXISTS (
-            SELECT 1 FROM rejected_records r
-            WHERE r.stream = 'orders'
-              AND (r.payload = b.payload OR r.payload_text = b.payload_text))
+        {_UNRECORDED}
     """,
 }
 
@@ -138,15 +143,13 @@ def compare(conn: Connection, *, account: str, started: datetime, examples: int)
     counts: dict[str, int] = {}
     found: dict[str, list[str]] = {}
     for kind in KINDS:
-        query = _QUERIES[kind]
-        counts[kind] = conn.execute(
-            sa.text(f"SELECT count(*) FROM ({query}) q"), params
-        ).scalar_one()
-        found[kind] = list(
-            conn.execute(
-                sa.text(f"SELECT * FROM ({query}) q ORDER BY 1 LIMIT :n"), {**params, "n": examples}
-            ).scalars()
-        )
+        # One pass per kind: the window count sees every row before LIMIT keeps a few.
+        rows = conn.execute(
+            sa.text(f"SELECT q.*, count(*) OVER () FROM ({_QUERIES[kind]}) q ORDER BY 1 LIMIT :n"),
+            {**params, "n": max(examples, 1)},
+        ).all()
+        counts[kind] = int(rows[0][1]) if rows else 0
+        found[kind] = [row[0] for row in rows[:examples]]
     listed = conn.execute(sa.text(f"SELECT count(DISTINCT order_id) FROM {_LISTED}")).scalar_one()
     bad = conn.execute(sa.text(f"SELECT count(*) FROM {_LISTED_BAD}")).scalar_one()
     stored = conn.execute(
@@ -159,20 +162,30 @@ def listed_versions(
     conn: Connection, *, account: str, batch: int = 1000
 ) -> Iterator[list[dict[str, Any]]]:
     """The newest listed payload of every missing or stale order, ``batch`` at a time (in
-    ``order_id`` order, so that memory stays bounded): what a repair writes."""
+    ``order_id`` order, so that memory stays bounded): what a repair writes.
+
+    The differing ids are found once, into a temporary table, then read in keyset pages."""
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_REPAIR}")
+    conn.execute(
+        sa.text(
+            f"CREATE TEMP TABLE {_REPAIR} AS ({_QUERIES['missing']}) UNION ({_QUERIES['stale']})"
+        ),
+        {"account": account},
+    )
+    conn.exec_driver_sql(f"ALTER TABLE {_REPAIR} ADD PRIMARY KEY (order_id)")
     after = ""
-    wanted = f"({_QUERIES['missing']}) UNION ({_QUERIES['stale']})"
     while True:
         rows = conn.execute(
             sa.text(
                 f"""
-                SELECT DISTINCT ON (l.order_id) l.order_id, l.raw FROM {_LISTED} l
-                WHERE l.order_id > :after AND l.order_id IN ({wanted})
+                SELECT DISTINCT ON (l.order_id) l.order_id, l.raw
+                FROM {_REPAIR} w JOIN {_LISTED} l ON l.order_id = w.order_id
+                WHERE w.order_id > :after
                 ORDER BY l.order_id, l.last_update_time DESC NULLS LAST
                 LIMIT :batch
                 """
             ),
-            {"account": account, "after": after, "batch": batch},
+            {"after": after, "batch": batch},
         ).all()
         if not rows:
             return
@@ -182,17 +195,7 @@ def listed_versions(
 
 def unrecorded_rejects(conn: Connection) -> list[Rejected]:
     """The listed records the parser rejected that ``rejected_records`` lacks."""
-    rows = conn.execute(
-        sa.text(
-            f"""
-            SELECT b.error, b.payload, b.payload_text FROM {_LISTED_BAD} b
-            WHERE NOT EXISTS (
-                SELECT 1 FROM rejected_records r
-                WHERE r.stream = 'orders'
-                  AND (r.payload = b.payload OR r.payload_text = b.payload_text))
-            """
-        )
-    ).all()
+    rows = conn.execute(sa.text(f"SELECT b.error, b.payload, b.payload_text {_UNRECORDED}")).all()
     return [
         Rejected(row.error, row.payload if row.payload is not None else row.payload_text)
         for row in rows
@@ -200,4 +203,4 @@ def unrecorded_rejects(conn: Connection) -> list[Rejected]:
 
 
 def end_listing(conn: Connection) -> None:
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_LISTED}, {_LISTED_BAD}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_LISTED}, {_LISTED_BAD}, {_REPAIR}")

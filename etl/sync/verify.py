@@ -132,9 +132,10 @@ def _repair(engine: Engine, conn: Connection, account: str, lock_wait: float) ->
         bad = unrecorded_rejects(conn)
         if bad:
             with run.transaction() as tx:
-                rejected = insert_rejected(
+                written = insert_rejected(
                     tx, bad, stream=STREAM, account=account, received_at=utcnow()
                 )
-                add_to_run(tx, run.run_id, Counts(fetched=rejected, rejected=rejected))
-            total += Counts(fetched=len(bad), rejected=len(bad))
+                counts = Counts(fetched=written, rejected=written)
+                add_to_run(tx, run.run_id, counts)
+            total += counts
     return total

@@ -316,23 +316,30 @@ def test_a_backfill_and_a_sync_of_one_account_never_write_at_the_same_time(
     assert [(r.mode, r.status) for r in runs(db)] == [("backfill", "succeeded")]
 
 
-def test_a_backfill_rerun_with_a_later_until_reuses_the_windows_done(db, client, exchange):
-    since = exchange.now - timedelta(days=70)
-    first = backfill_orders(
-        db, client, account=ACCOUNT, since=since, until=exchange.now, window=timedelta(days=7)
-    )
-    assert first.counts.fetched == len(exchange.truth())
+def _rerun_after_new_orders(db, client, exchange, since, window, new):
+    """An hour later, ``new`` orders created, the same backfill again up to "now": its result
+    and the new orders."""
     exchange.now += timedelta(hours=1)
-    fresh = [exchange.create_order() for _ in range(5)]
-    # The default --until is "now", later on every run: only the new window is read.
+    fresh = [exchange.create_order() for _ in range(new)]
     again = backfill_orders(
         db,
         client,
         account=ACCOUNT,
         since=since,
         until=exchange.now + timedelta(seconds=1),
-        window=timedelta(days=7),
+        window=window,
     )
+    return again, fresh
+
+
+def test_a_backfill_rerun_with_a_later_until_reuses_the_windows_done(db, client, exchange):
+    since = exchange.now - timedelta(days=70)
+    first = backfill_orders(
+        db, client, account=ACCOUNT, since=since, until=exchange.now, window=timedelta(days=7)
+    )
+    assert first.counts.fetched == len(exchange.truth())
+    # The default --until is "now", later on every run: only the new window is read.
+    again, fresh = _rerun_after_new_orders(db, client, exchange, since, timedelta(days=7), 5)
     assert again.counts.fetched == len(fresh)
     assert_table_equals_truth(db, exchange)
 
@@ -343,17 +350,8 @@ def test_a_backfill_rerun_reads_only_the_tail_of_a_window_cut_short_by_the_first
     since = exchange.now - timedelta(days=70)  # the whole history: one 100-day window,
     window = timedelta(days=100)  # cut short at "now"
     backfill_orders(db, client, account=ACCOUNT, since=since, until=exchange.now, window=window)
-    exchange.now += timedelta(hours=1)
-    fresh = [exchange.create_order() for _ in range(3)]
     with caplog.at_level(logging.INFO, logger="etl.sync.orders"):
-        again = backfill_orders(
-            db,
-            client,
-            account=ACCOUNT,
-            since=since,
-            until=exchange.now + timedelta(seconds=1),
-            window=window,
-        )
+        again, fresh = _rerun_after_new_orders(db, client, exchange, since, window, 3)
     assert again.counts.fetched == len(fresh)
     assert "backfill resumes: 0 of 1 windows already done, 1 partly" in caplog.text
     assert_table_equals_truth(db, exchange)
