@@ -405,15 +405,33 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from etl.health import Liveness, OperatorServer, Readiness
+    from etl.kalshi.stream import stream_url
     from etl.scheduler import Job, run_daemon
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
+    from etl.sync.realtime import RealtimeOrders
 
     stop = threading.Event()
     accounts = chosen_accounts(settings)
     clients = {a.name: open_client(a, settings, cancel=stop) for a in accounts}
     engine = open_engine(settings, migrate=True)
-    intervals = {"orders": args.orders_every, "queue_positions": args.queue_every}
+    realtime = bool(args.realtime or settings.realtime)
+    streams = {
+        a.name: RealtimeOrders(
+            engine,
+            clients[a.name],
+            account=a.name,
+            stream_url=stream_url(a.api_base),
+            stop=stop,
+            lookback=settings.lookback,
+        )
+        for a in accounts
+        if realtime
+    }
+    # While the stream is up, REST is the safety net and runs less often; the readiness of
+    # the orders job is judged against that longer interval.
+    rest_every = max(args.orders_every, args.realtime_rest_every) if realtime else args.orders_every
+    intervals = {"orders": rest_every, "queue_positions": args.queue_every}
     port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     liveness = Liveness()
     server = None
@@ -421,25 +439,37 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         readiness = Readiness(
             engine,
             {(a.name, stream): every for a in accounts for stream, every in intervals.items()},
+            links=list(streams),
         )
         server = OperatorServer(args.metrics_host, port, liveness=liveness, readiness=readiness)
         server.start()
     names = ", ".join(a.name for a in accounts)
     log.info(
-        "daemon for %s %s; Ctrl-C or SIGTERM stops it",
+        "daemon for %s %s%s; Ctrl-C or SIGTERM stops it",
         "account" if len(accounts) == 1 else f"{len(accounts)} accounts:",
         names,
+        f"; realtime: the user_orders stream, REST every {rest_every} while it is up"
+        if realtime
+        else "",
     )
 
     def orders_job(name: str) -> Job:
-        return lambda stop: sync_orders(
-            engine,
-            clients[name],
-            account=name,
-            lookback=settings.lookback,
-            lock_wait=0,
-            stop=stop,
-        )
+        def job(stop: threading.Event) -> None:
+            stream = streams.get(name)
+            if stream is not None and not stream.rest_due(rest_every):
+                return  # the stream is up and REST ran recently: the safety net can wait
+            sync_orders(
+                engine,
+                clients[name],
+                account=name,
+                lookback=settings.lookback,
+                lock_wait=0,
+                stop=stop,
+            )
+            if stream is not None:
+                stream.rest_synced()
+
+        return job
 
     def queue_job(name: str) -> Job:
         return lambda stop: poll_queue_positions(
@@ -460,8 +490,15 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         with contextlib.ExitStack() as open_clients:
             for client in clients.values():
                 open_clients.enter_context(client)
-            return run_daemon(jobs, stop=stop, on_stuck=exit_now, on_tick=liveness.beat)
+            for stream in streams.values():
+                stream.start()
+            code = run_daemon(jobs, stop=stop, on_stuck=exit_now, on_tick=liveness.beat)
+            for stream in streams.values():
+                if not stream.join(timeout=5.0):
+                    log.warning("the user_orders stream of %s did not stop in 5s", stream.account)
+            return code
     finally:
+        stop.set()
         if server is not None:
             server.stop()
 
@@ -883,6 +920,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="queue-position poll interval (default 10s)",
     )
 
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="also stream order changes from the user_orders WebSocket into orders, each "
+        "reconnect reconciled by REST (default: KALSHI_ETL_REALTIME, else off)",
+    )
+    p.add_argument(
+        "--realtime-rest-every",
+        type=_duration,
+        default="5m",
+        help="with --realtime, the REST sync's interval while the stream is up (default 5m; "
+        "--orders-every applies while it is down)",
+    )
     p.add_argument(
         "--metrics-port",
         type=_number(int, 0, 65535),

@@ -53,6 +53,7 @@ class Settings:
     lookback: timedelta = timedelta(minutes=5)
     log_format: LogFormat = "text"
     metrics_port: int | None = None
+    realtime: bool = False
     accounts_file: Path | None = None
     file_accounts: tuple[Account, ...] = ()
 
@@ -332,6 +333,15 @@ def _port(env: Mapping[str, str], name: str) -> int | None:
     return int(raw)
 
 
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}: expected 1/true/yes/on or 0/false/no/off, got {raw!r}")
+
+
 HOME_DIR = ".kalshi-etl"
 
 
@@ -396,6 +406,7 @@ def from_env(env: Mapping[str, str], *, demo: bool = False, cwd: Path | None = N
         lookback=parse_duration(get("KALSHI_ETL_LOOKBACK") or "5m", name="KALSHI_ETL_LOOKBACK"),
         log_format=log_format,  # type: ignore[arg-type]
         metrics_port=_port(env, "KALSHI_ETL_METRICS_PORT"),
+        realtime=_switch(env, "KALSHI_ETL_REALTIME"),
         accounts_file=accounts_file,
         file_accounts=file_accounts,
     )

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +34,7 @@ from etl.errors import ConfigError, DatabaseError
 log = logging.getLogger(__name__)
 
 READY_INTERVALS = 3  # a stream is late once it has not succeeded for this many intervals
+LINK_GRACE = 30.0  # seconds a user_orders WebSocket may be down (reconnecting) and still ready
 STALL = 10.0  # seconds without a beat after which the loop counts as dead
 
 
@@ -57,6 +58,9 @@ class Readiness:
 
     A success counts whichever replica ran it (``sync_runs`` is shared): replicas that skip
     a job because another one holds its lock are as ready as the one running it.
+
+    With ``links`` (accounts streaming ``user_orders``), each account's WebSocket must also be
+    subscribed, or have been down for less than :data:`LINK_GRACE` seconds (a reconnect).
     """
 
     def __init__(
@@ -64,10 +68,12 @@ class Readiness:
         engine: Engine,
         streams: Mapping[tuple[str, str], timedelta],
         *,
+        links: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.streams = dict(streams)
+        self.links = list(links)
         self._clock = clock
 
     def check(self) -> tuple[bool, dict[str, Any]]:
@@ -105,6 +111,11 @@ class Readiness:
             )
             if reason:
                 problems.append(f"{stream} of {account}: {reason}")
+        for account in self.links:
+            entry = _link(account, metrics.LINKS.get(account), now=now)
+            streams.append(entry)
+            if not entry["ok"]:
+                problems.append(f"user_orders stream of {account}: {entry['reason']}")
         ready = not problems
         body = {
             "status": "ready" if ready else "not ready",
@@ -113,6 +124,26 @@ class Readiness:
             "problems": problems,
         }
         return ready, body
+
+
+def _link(account: str, link: metrics.LinkStatus | None, *, now: float) -> dict[str, Any]:
+    """The ``/readyz`` entry of an account's WebSocket."""
+    entry: dict[str, Any] = {"account": account, "stream": "user_orders"}
+    if link is None:
+        return {**entry, "ok": False, "connected": False, "reason": "not started"}
+    down_for = now - link.since
+    ok = link.connected or down_for <= LINK_GRACE
+    entry.update(
+        ok=ok,
+        connected=link.connected,
+        since=_iso(link.since),
+        last_error=link.last_error,
+    )
+    if not ok:
+        entry["reason"] = f"not connected for {down_for:.0f}s" + (
+            f"; last error: {link.last_error}" if link.last_error else ""
+        )
+    return entry
 
 
 def _lateness(status: metrics.StreamStatus, *, now: float, limit: float) -> str | None:

@@ -84,6 +84,32 @@ OPEN_ORDERS = Gauge(
     registry=REGISTRY,
 )
 
+STREAM_CONNECTED = Gauge(
+    "kalshi_etl_stream_connected",
+    "1 while the account's user_orders WebSocket is subscribed, else 0.",
+    ["account"],
+    registry=REGISTRY,
+)
+STREAM_MESSAGES = Counter(
+    "kalshi_etl_stream_messages_total",
+    "user_orders messages committed, by what they did (inserted/updated/unchanged/rejected).",
+    ["account", "outcome"],
+    registry=REGISTRY,
+)
+STREAM_LAG = Histogram(
+    "kalshi_etl_stream_lag_seconds",
+    "From an order change's exchange timestamp to the commit of its user_orders message.",
+    ["account"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+STREAM_RECONNECTS = Counter(
+    "kalshi_etl_stream_reconnects_total",
+    "user_orders WebSocket connections lost or refused (each is followed by a reconnect).",
+    ["account"],
+    registry=REGISTRY,
+)
+
 OUTCOMES = ("inserted", "updated", "unchanged", "rejected")
 
 
@@ -140,6 +166,58 @@ class _Streams:
 
 
 STREAMS = _Streams()
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    """The account's WebSocket as this process last saw it, for ``/readyz``."""
+
+    connected: bool
+    since: float  # when it last connected or dropped (or the daemon started)
+    last_error: str | None
+
+
+class _Links:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._links: dict[str, LinkStatus] = {}
+
+    def get(self, account: str) -> LinkStatus | None:
+        with self._lock:
+            return self._links.get(account)
+
+    def set(self, account: str, status: LinkStatus) -> None:
+        with self._lock:
+            self._links[account] = status
+
+
+LINKS = _Links()
+
+
+def stream_starting(account: str) -> None:
+    LINKS.set(account, LinkStatus(connected=False, since=time.time(), last_error=None))
+    STREAM_CONNECTED.labels(account).set(0)
+
+
+def stream_connected(account: str) -> None:
+    LINKS.set(account, LinkStatus(connected=True, since=time.time(), last_error=None))
+    STREAM_CONNECTED.labels(account).set(1)
+
+
+def stream_dropped(account: str, reason: str) -> None:
+    LINKS.set(account, LinkStatus(connected=False, since=time.time(), last_error=reason))
+    STREAM_CONNECTED.labels(account).set(0)
+    STREAM_RECONNECTS.labels(account).inc()
+
+
+def stream_committed(account: str, outcomes: dict[str, int], lags: list[float]) -> None:
+    """Count a committed batch of messages: what they did, and each change's lag."""
+    for outcome, n in outcomes.items():
+        if n:
+            STREAM_MESSAGES.labels(account, outcome).inc(n)
+    histogram = STREAM_LAG.labels(account)
+    for lag in lags:
+        histogram.observe(max(0.0, lag))
 
 
 def run_started(account: str, stream: str) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 
 from etl.db.models import rejected_records
 from etl.kalshi.parse import (
+    STREAM_LACKS,
     Order,
     QueuePosition,
     Rejected,
@@ -44,21 +45,39 @@ _STAGED = ("account", *ORDER_COLUMNS)  # the columns COPY fills: whose order, th
 _UPDATABLE = [c for c in _STAGED if c != "order_id"]
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
-_MERGE_SQL = f"""
+
+def _merge_sql(*, stream: bool) -> str:
+    """The guarded merge of the staged rows.
+
+    REST versions (``stream=False``) replace a stored version that is older, or as old with
+    different content. Stream versions (``user_order`` messages) replace an older one, or one
+    as old only when that one came from the stream too (its ``raw`` has ``created_ts_ms``): at
+    equal times the REST version, which carries every field, is the one kept. A stream version
+    keeps the stored values of the fields the channel does not carry (:data:`STREAM_LACKS`).
+    """
+    assignments = ", ".join(
+        f"{c} = COALESCE(EXCLUDED.{c}, o.{c})"
+        if stream and c in STREAM_LACKS
+        else f"{c} = EXCLUDED.{c}"
+        for c in _UPDATABLE
+    )
+    tie = "AND o.raw ? 'created_ts_ms'" if stream else ""
+    return f"""
 WITH merged AS (
     INSERT INTO orders AS o ({", ".join(_STAGED)}, first_synced_at, synced_at)
     SELECT {", ".join(_STAGED)}, %(at)s, %(at)s FROM {_STAGE}
-    ON CONFLICT (order_id) DO UPDATE SET
-        {", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATABLE)},
-        synced_at = EXCLUDED.synced_at
+    ON CONFLICT (order_id) DO UPDATE SET {assignments}, synced_at = EXCLUDED.synced_at
     WHERE EXCLUDED.last_update_time > o.last_update_time
        OR (o.last_update_time IS NULL AND EXCLUDED.last_update_time IS NOT NULL)
        OR (EXCLUDED.last_update_time IS NOT DISTINCT FROM o.last_update_time
-           AND EXCLUDED.raw IS DISTINCT FROM o.raw)
+           AND EXCLUDED.raw IS DISTINCT FROM o.raw {tie})
     RETURNING (xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged
 """
+
+
+_MERGE_SQL = {stream: _merge_sql(stream=stream) for stream in (False, True)}
 
 
 @dataclass(frozen=True)
@@ -99,10 +118,16 @@ def _row(account: str, order: Order) -> tuple[Any, ...]:
 
 
 def upsert_orders(
-    conn: Connection, records: Sequence[Order], *, account: str, synced_at: datetime
+    conn: Connection,
+    records: Sequence[Order],
+    *,
+    account: str,
+    synced_at: datetime,
+    from_stream: bool = False,
 ) -> Counts:
     """Write ``records`` (orders of ``account``) into ``orders``, newest version wins; return
-    what happened.
+    what happened. ``from_stream``: the records are ``user_order`` messages (see
+    :func:`_merge_sql` for how they merge with REST versions).
 
     ``fetched`` counts every record given (duplicates included); ``unchanged`` is what the
     guard left alone, duplicates within the batch included.
@@ -121,7 +146,7 @@ def upsert_orders(
         with cur.copy(f"COPY {_STAGE} ({', '.join(_STAGED)}) FROM STDIN") as copy:
             for order in batch:
                 copy.write_row(_row(account, order))
-        cur.execute(_MERGE_SQL, {"at": synced_at})
+        cur.execute(_MERGE_SQL[from_stream], {"at": synced_at})
         row = cur.fetchone()
     assert row is not None
     inserted, updated = int(row[0]), int(row[1])

@@ -121,11 +121,19 @@ class KalshiAuth(httpx.Auth):
     def __repr__(self) -> str:
         return f"KalshiAuth(key_id={self.key_id!r})"
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def headers(self, method: str, path: str) -> dict[str, str]:
+        """The three signed headers for ``method`` on ``path`` (no query string), timestamped
+        now: the REST client's requests and the WebSocket's upgrade both carry them."""
         timestamp_ms = int(self._clock() * 1000)
+        return {
+            KEY_HEADER: self.key_id,
+            TIMESTAMP_HEADER: str(timestamp_ms),
+            SIGNATURE_HEADER: sign(
+                self._private_key, signing_message(timestamp_ms, method.upper(), path)
+            ),
+        }
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         path = request.url.raw_path.decode("ascii").split("?", 1)[0]
-        message = signing_message(timestamp_ms, request.method, path)
-        request.headers[KEY_HEADER] = self.key_id
-        request.headers[TIMESTAMP_HEADER] = str(timestamp_ms)
-        request.headers[SIGNATURE_HEADER] = sign(self._private_key, message)
+        request.headers.update(self.headers(request.method, path))
         yield request

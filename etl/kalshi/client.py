@@ -313,6 +313,7 @@ class KalshiClient:
         bucket_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.auth = auth
         self.auto_page_size = page_size == "auto"
         self.page_size: int = AUTO_PAGE_SIZE if page_size == "auto" else page_size
         self.deadline = deadline

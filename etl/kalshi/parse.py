@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
@@ -285,7 +285,18 @@ def _named(raw: Mapping[str, Any], reason: str) -> str:
     return reason
 
 
-def _order(data: dict[str, Any]) -> Order:
+def _order(
+    data: Mapping[str, Any],
+    *,
+    raw: Mapping[str, Any] | None = None,
+    times: Mapping[str, datetime | None] | None = None,
+) -> Order:
+    """The Order of ``data``; ``times`` (when given) holds the three times already read, and
+    ``raw`` the payload to keep when it is not ``data`` itself."""
+
+    def when(name: str) -> datetime | None:
+        return times[name] if times is not None else _time(data, name)
+
     order_id = _text(data, "order_id", required=True, max_length=MAX_KEY_LENGTH)
     ticker = _text(data, "ticker", required=True, max_length=MAX_KEY_LENGTH)
     status = _text(data, "status", required=True)
@@ -360,16 +371,77 @@ def _order(data: dict[str, Any]) -> Order:
         fill_count_fp=count_fp("fill_count_fp", counts["fill_count"]),
         remaining_count_fp=count_fp("remaining_count_fp", counts["remaining_count"]),
         initial_count_fp=count_fp("initial_count_fp", counts["initial_count"]),
-        expiration_time=_time(data, "expiration_time"),
-        created_time=_time(data, "created_time"),
-        last_update_time=_time(data, "last_update_time"),
+        expiration_time=when("expiration_time"),
+        created_time=when("created_time"),
+        last_update_time=when("last_update_time"),
         self_trade_prevention_type=_enum(data, "self_trade_prevention_type"),
         order_group_id=_text(data, "order_group_id"),
         cancel_order_on_pause=_bool(data, "cancel_order_on_pause"),
         subaccount_number=subaccount,
         exchange_index=_int(data, "exchange_index"),
-        raw=data,
+        raw=data if raw is None else raw,
     )
+
+
+# The times of a `user_order` message: epoch-millisecond fields, and the RFC 3339 field each
+# replaces (deprecated; read when the millisecond one is absent).
+_MS_TIMES: Final = {
+    "created_time": "created_ts_ms",
+    "last_update_time": "last_updated_ts_ms",
+    "expiration_time": "expiration_ts_ms",
+}
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_MS: Final = int((datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH).total_seconds()) * 1000
+
+
+def _ms_time(data: Mapping[str, Any], name: str) -> datetime | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecordError(
+            f"{name}: expected epoch milliseconds, got {type(value).__name__} {value!r:.40}"
+        )
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise RecordError(f"{name}: expected whole epoch milliseconds, got {value!r}")
+        value = int(value)
+    if not 0 <= value <= _MAX_MS:
+        raise RecordError(f"{name}: not a time in epoch milliseconds: {_digits(value)}")
+    return _EPOCH + timedelta(milliseconds=value)
+
+
+def parse_user_order(raw: Any) -> Order | Rejected:
+    """Parse the ``msg`` of a WebSocket ``user_order`` message into the same :class:`Order` as
+    REST: epoch-millisecond times become datetimes, ``no_price_dollars`` (which the message
+    lacks) is ``1 - yes_price_dollars``, and ``raw`` is the message as received. Fields the
+    channel never carries (``type``, ``action``, ``cancel_order_on_pause``,
+    ``exchange_index``) are ``None``: see :data:`STREAM_LACKS`.
+    """
+    if not isinstance(raw, dict):
+        return _rejected(f"user_order: expected a JSON object, got {type(raw).__name__}", raw)
+    problem = storage_problem(raw)
+    if problem is not None:
+        return _rejected(_named(raw, "user_order: " + problem), raw)
+    try:
+        times = {
+            name: _ms_time(raw, ms) if raw.get(ms) is not None else _time(raw, name)
+            for name, ms in _MS_TIMES.items()
+        }
+        data = raw
+        if raw.get("no_price_dollars") is None and raw.get("yes_price_dollars") is not None:
+            yes = _decimal(
+                raw, "yes_price_dollars", places=_DOLLAR_PLACES, minimum=_ZERO, maximum=_ONE
+            )
+            assert yes is not None
+            data = {**raw, "no_price_dollars": str(_ONE - yes)}
+        return _order(data, raw=raw, times=times)
+    except RecordError as exc:
+        return Rejected(_named(raw, "user_order: " + str(exc)), raw)
+
+
+# Columns a `user_order` message never fills: a stream version keeps the stored values.
+STREAM_LACKS: Final = ("type", "side", "action", "cancel_order_on_pause", "exchange_index")
 
 
 def storage_problem(value: Any) -> str | None:

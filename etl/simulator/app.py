@@ -29,6 +29,7 @@ from etl.errors import ConfigError
 from etl.kalshi.auth import KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signing_message, verify
 from etl.kalshi.client import LIST_COST, SINGLE_COST, TokenBucket
 from etl.simulator.exchange import ApiFault, Exchange, OrderQuery, rfc3339
+from etl.simulator.stream import StreamHub, is_websocket_request
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +89,25 @@ class SimulatorApp:
         seed: int = 0,
         bucket_clock: Callable[[], float] = time.monotonic,
         exchanges: Mapping[str, Exchange] | None = None,
+        stream_ping_interval: float = 10.0,
     ) -> None:
         self.exchange = exchange
         self.exchanges = dict(exchanges or {})
         self.public_keys = dict(public_keys)
         self.faults = faults or Faults()
-        self._wall_clock = wall_clock
+        self.wall_clock = wall_clock
         self.advance = advance  # trade as wall-clock time passes; pause() and resume() flip it
         self._tokens_per_second = tokens_per_second
         self._bucket_clock = bucket_clock
         self._buckets: dict[str, TokenBucket] = {}
-        self._lock = threading.RLock()  # routes run under it and may roll the fault dice
+        self.lock = threading.RLock()  # routes and trading run under it
         self._rng = random.Random(seed ^ 0x5EED)
         # What was injected, by kind ("5xx", "429", "slow", "malformed"), for soak reports.
         self.injected: Counter[str] = Counter()
         # The latest requests as (path, query string), for tests; bounded for long runs.
         self.requests: deque[tuple[str, str]] = deque(maxlen=100_000)
+        # The WebSocket (/trade-api/ws/v2) on the same port, and its faults.
+        self.stream = StreamHub(self, ping_interval=stream_ping_interval)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         status, body = self._handle(environ)
@@ -118,7 +122,7 @@ class SimulatorApp:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-        with self._lock:
+        with self.lock:
             self.requests.append((path, environ.get("QUERY_STRING", "")))
         if not path.startswith(PREFIX + "/"):
             return 404, {"code": "not_found", "message": f"no route for {path}"}
@@ -127,7 +131,7 @@ class SimulatorApp:
             exchange = self.exchange
             if route != "/historical/cutoff":
                 key_id = self._authenticate(environ, method, path)
-                exchange = self.exchanges.get(key_id, self.exchange)
+                exchange = self.exchange_of(key_id)
                 cost = SINGLE_COST if route.count("/") == 3 and "queue" not in route else LIST_COST
                 self._spend(key_id, cost)
             faults = self.faults
@@ -148,9 +152,9 @@ class SimulatorApp:
                 }
             if method != "GET":
                 raise ApiFault(405, "method_not_allowed", f"{method} is not served")
-            with self._lock:
+            with self.lock:
                 if self.advance:
-                    now = datetime.fromtimestamp(self._wall_clock(), UTC)
+                    now = datetime.fromtimestamp(self.wall_clock(), UTC)
                     exchange.advance_to(now)
                 return 200, self._route(exchange, route, query)
         except ApiFault as fault:
@@ -162,25 +166,33 @@ class SimulatorApp:
 
     def pause(self) -> None:
         """Stop trading (after any request being answered): the truth holds still."""
-        with self._lock:
+        with self.lock:
             self.advance = False
 
     def resume(self) -> None:
-        with self._lock:
+        with self.lock:
             self.advance = True
 
     def _count(self, kind: str, n: int = 1) -> None:
-        with self._lock:
+        with self.lock:
             self.injected[kind] += n
 
     def _roll(self) -> float:
-        with self._lock:
+        with self.lock:
             return self._rng.random()
 
     def _authenticate(self, environ: dict[str, Any], method: str, path: str) -> str:
-        key_id = str(environ.get("HTTP_" + KEY_HEADER.replace("-", "_"), ""))
-        timestamp = str(environ.get("HTTP_" + TIMESTAMP_HEADER.replace("-", "_"), ""))
-        signature = str(environ.get("HTTP_" + SIGNATURE_HEADER.replace("-", "_"), ""))
+        def header(name: str) -> str:
+            return str(environ.get("HTTP_" + name.replace("-", "_"), ""))
+
+        return self.check_signature(
+            header(KEY_HEADER), header(TIMESTAMP_HEADER), header(SIGNATURE_HEADER), method, path
+        )
+
+    def check_signature(
+        self, key_id: str, timestamp: str, signature: str, method: str, path: str
+    ) -> str:
+        """The key id of a correctly signed, fresh request; :class:`ApiFault` 401 otherwise."""
         if not key_id or not timestamp or not signature:
             raise ApiFault(401, "authentication_error", "missing authentication headers")
         public_key = self.public_keys.get(key_id)
@@ -188,16 +200,20 @@ class SimulatorApp:
             raise ApiFault(401, "authentication_error", "unknown API key")
         if not timestamp.isdigit():
             raise ApiFault(401, "authentication_error", "timestamp must be milliseconds")
-        if abs(int(timestamp) - self._wall_clock() * 1000) > MAX_SKEW_MS:
+        if abs(int(timestamp) - self.wall_clock() * 1000) > MAX_SKEW_MS:
             raise ApiFault(401, "authentication_error", "timestamp is more than 60 s off")
         if not verify(public_key, signing_message(int(timestamp), method, path), signature):
             raise ApiFault(401, "authentication_error", "invalid signature")
         return key_id
 
+    def exchange_of(self, key_id: str) -> Exchange:
+        """The account ``key_id`` reads."""
+        return self.exchanges.get(key_id, self.exchange)
+
     def _spend(self, key_id: str, cost: int) -> None:
         if self._tokens_per_second <= 0:
             return
-        with self._lock:
+        with self.lock:
             bucket = self._buckets.get(key_id)
             if bucket is None:
                 bucket = self._buckets[key_id] = TokenBucket(
@@ -297,8 +313,23 @@ def _order_query(query: dict[str, str], *, statuses: bool) -> OrderQuery:
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """The WSGI server, which hands a WebSocket request to the app's :class:`StreamHub`."""
+
     daemon_threads = True
     allow_reuse_address = True
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        app = self.get_app()
+        if isinstance(app, SimulatorApp) and is_websocket_request(request):
+            app.stream.serve_connection(request)
+        else:
+            super().finish_request(request, client_address)
+
+    def server_close(self) -> None:
+        app = self.get_app()
+        if isinstance(app, SimulatorApp):
+            app.stream.close()
+        super().server_close()
 
 
 class _QuietHandler(WSGIRequestHandler):

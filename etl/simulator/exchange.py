@@ -13,7 +13,7 @@ import base64
 import bisect
 import itertools
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -33,6 +33,19 @@ class ApiFault(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_ms(value: datetime) -> datetime:
+    """``value`` cut to whole milliseconds: the exchange keeps times as the WebSocket sends
+    them (epoch ms), so REST and stream versions of a change carry the same time."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def epoch_ms(value: datetime) -> int:
+    return (value - _EPOCH) // timedelta(milliseconds=1)
 
 
 def rfc3339(value: datetime) -> str:
@@ -129,6 +142,41 @@ class SimOrder:
         )
         return common
 
+    def render_user_order(self) -> dict[str, Any]:
+        """The ``msg`` of the WebSocket ``user_order`` message for this order (KALSHI.md,
+        "WebSocket"): 2026 fields, times in epoch ms, no ``no_price_dollars``, optional fields
+        only when set."""
+        full = self.render("2026")
+        message = {
+            name: full[name]
+            for name in (
+                "order_id",
+                "user_id",
+                "client_order_id",
+                "ticker",
+                "status",
+                "outcome_side",
+                "book_side",
+                "yes_price_dollars",
+                "fill_count_fp",
+                "remaining_count_fp",
+                "initial_count_fp",
+                "taker_fill_cost_dollars",
+                "maker_fill_cost_dollars",
+                "taker_fees_dollars",
+                "maker_fees_dollars",
+                "subaccount_number",
+            )
+        }
+        message["created_ts_ms"] = epoch_ms(self.created)
+        message["last_updated_ts_ms"] = epoch_ms(self.updated)
+        if self.expiration is not None:
+            message["expiration_ts_ms"] = epoch_ms(self.expiration)
+        for name in ("order_group_id", "self_trade_prevention_type"):
+            if full[name] is not None:
+                message[name] = full[name]
+        return message
+
 
 def _encode_cursor(key: tuple[datetime, str]) -> str:
     return base64.urlsafe_b64encode(f"{key[0].isoformat()}|{key[1]}".encode()).decode()
@@ -197,6 +245,8 @@ class Exchange:
         self._sorted: list[tuple[datetime, str]] = []  # (created, order_id) ascending
         self._resting: dict[str, None] = {}  # insertion-ordered set: deterministic choice
         self._carry = 0.0
+        # Called with each order a trading event creates or changes (the WebSocket feed).
+        self.listeners: list[Callable[[SimOrder], None]] = []
         self.tickers = [
             f"KXSIM-E{e}-M{m}" for e in range(1, self.markets // 3 + 2) for m in range(1, 4)
         ][: self.markets]
@@ -209,6 +259,7 @@ class Exchange:
         return f"{self.seed:04x}{n:08x}-{self.rng.getrandbits(16):04x}-4000-8000-{n:012x}"
 
     def _make(self, created: datetime, *, status: str = "resting") -> SimOrder:
+        created = to_ms(created)
         ticker = self.rng.choice(self.tickers)
         order = SimOrder(
             order_id=self._new_id(),
@@ -258,7 +309,9 @@ class Exchange:
                 # A long-resting order, maybe partly filled: the case naive pullers miss.
                 order.filled = self.rng.randint(0, order.initial - 1)
                 if order.filled:
-                    order.updated = created + timedelta(seconds=self.rng.uniform(0, min(age, 3600)))
+                    order.updated = to_ms(
+                        created + timedelta(seconds=self.rng.uniform(0, min(age, 3600)))
+                    )
                     self._charge(order, order.filled)
                 order.expiration = None
             else:
@@ -271,7 +324,7 @@ class Exchange:
                     order.status = "canceled"
                     order.filled = self.rng.randint(0, order.initial - 1)
                     self._charge(order, order.filled)
-                order.updated = later
+                order.updated = to_ms(later)
                 order.malformed = self.malformed > 0 and self.rng.random() < self.malformed
             self._add(order)
         self._sorted.sort()
@@ -333,6 +386,7 @@ class Exchange:
             order.filled = order.initial
             order.expiration = None
         self._add(order)
+        self._changed(order)
         return order
 
     def fill(self, order_id: str, contracts: int) -> SimOrder:
@@ -342,10 +396,11 @@ class Exchange:
         contracts = max(1, min(contracts, order.initial - order.filled))
         order.filled += contracts
         self._charge(order, contracts)
-        order.updated = self.now
+        order.updated = to_ms(self.now)
         if order.filled >= order.initial:
             order.status = "executed"
             self._resting.pop(order_id, None)
+        self._changed(order)
         for other_id in self._resting:
             other = self._book[other_id]
             if other.ticker == order.ticker and other.queue_position > 0:
@@ -357,9 +412,14 @@ class Exchange:
         order = self._book[order_id]
         assert order.status == "resting", order.status
         order.status = "canceled"
-        order.updated = self.now
+        order.updated = to_ms(self.now)
+        self._changed(order)
         self._resting.pop(order_id, None)
         return order
+
+    def _changed(self, order: SimOrder) -> None:
+        for listener in self.listeners:
+            listener(order)
 
     def move_queue(self, order_id: str, delta: int) -> None:
         order = self._book[order_id]

@@ -1,0 +1,326 @@
+"""Realtime orders: the ``user_orders`` WebSocket written into ``orders``, reconciled by REST.
+
+Three threads per account:
+
+- the **stream** (:class:`~etl.kalshi.stream.OrderStream`) receives messages and queues them;
+- the **writer** commits them in micro-batches: whatever arrived while the previous batch was
+  committing, at most :data:`MAX_BATCH` messages, so a change waits for at most one commit
+  before its own (a few milliseconds; never more than ~50 ms at hundreds of changes a second).
+  Each message is parsed into the same :class:`~etl.kalshi.parse.Order` as REST and goes
+  through the same guarded upsert (a stream version never replaces a newer one, REST's or the
+  stream's; at equal times REST's version stays). Malformed messages go to
+  ``rejected_records``. ``sync_state`` row ``orders:stream`` records, in the same
+  transaction, the newest exchange time committed;
+- the **catch-up** runs the incremental REST sync after every acknowledged subscription (first
+  connect and each reconnect): the channel has no sequence numbers and no snapshot, so what
+  changed while no connection was up is read from REST, with a lookback reaching back to the
+  last message committed before the drop.
+
+The daemon's periodic REST cycle stays as the safety net; :meth:`RealtimeOrders.rest_due`
+tells it to run less often while the stream is up.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from etl import metrics
+from etl.db.engine import connection, transaction
+from etl.db.state import read_state, write_state
+from etl.db.upsert import Counts, insert_rejected, refusal_safe, upsert_orders, write_records
+from etl.errors import DatabaseError, EtlError, LockBusyError, StopRequested
+from etl.kalshi.auth import KalshiAuth
+from etl.kalshi.client import KalshiClient
+from etl.kalshi.parse import Order, Rejected, parse_user_order
+from etl.kalshi.stream import OrderStream, StreamPolicy
+from etl.sync.orders import sync_orders
+
+log = logging.getLogger(__name__)
+
+STATE = "orders:stream"  # sync_state row: the newest exchange time committed from the stream
+MAX_BATCH = 500
+MARGIN = timedelta(seconds=5)  # extra lookback before the last message, for clock skew
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one commit of stream messages did."""
+
+    counts: Counts
+    lags: list[float]  # exchange time → commit, per order change (seconds)
+
+
+class RealtimeOrders:
+    """The realtime path of one account (see the module docstring).
+
+    Args:
+        engine: the database.
+        client: the account's REST client (for the catch-up syncs).
+        account: the account name in the tables.
+        stream_url: the WebSocket URL.
+        stop: ends every thread; pending messages are committed first.
+        lookback: the REST sync's usual lookback (the catch-up reaches further when needed).
+        policy: the stream's timeouts and backoff.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: KalshiClient,
+        *,
+        account: str,
+        stream_url: str,
+        stop: threading.Event,
+        lookback: timedelta = timedelta(minutes=5),
+        policy: StreamPolicy | None = None,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.account = account
+        self.stop = stop
+        self.lookback = lookback
+        auth = client.auth
+        if not isinstance(auth, KalshiAuth):
+            raise EtlError("the realtime stream needs a client that signs with an API key")
+        self.stream = OrderStream(
+            stream_url, auth, self, stop=stop, policy=policy or StreamPolicy()
+        )
+        self._inbox: queue.Queue[tuple[Any, float]] = queue.Queue()
+        self._catch_up = threading.Event()
+        self._connected = threading.Event()
+        self._last_exchange_time: datetime | None = None  # newest change committed
+        self._last_rest = time.monotonic()  # the daemon just started: its first cycle is due
+        self._rest_lock = threading.Lock()
+        self.catch_ups = 0  # REST catch-ups that succeeded, for tests and logs
+        self._threads = [
+            threading.Thread(target=self.stream.run, name=f"stream {account}", daemon=True),
+            threading.Thread(target=self._write_loop, name=f"stream writer {account}", daemon=True),
+            threading.Thread(target=self._catch_up_loop, name=f"catch-up {account}", daemon=True),
+        ]
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        metrics.stream_starting(self.account)
+        with connection(self.engine) as conn:
+            stored = read_state(conn, self.account, STATE)
+        if stored is not None and stored.watermark is not None:
+            self._last_exchange_time = stored.watermark
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the threads after ``stop`` was set; ``False`` if one is still running."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def rest_due(self, every: timedelta) -> bool:
+        """Whether the periodic REST cycle should run now: always while the stream is down,
+        else once ``every`` has passed since the last REST sync of this process."""
+        with self._rest_lock:
+            elapsed = time.monotonic() - self._last_rest
+        return not self.connected or elapsed >= every.total_seconds()
+
+    def rest_synced(self) -> None:
+        with self._rest_lock:
+            self._last_rest = time.monotonic()
+
+    # -- StreamListener -------------------------------------------------------------------
+
+    def subscribed(self) -> None:
+        self._connected.set()
+        metrics.stream_connected(self.account)
+        self._catch_up.set()
+
+    def message(self, body: Any, received: float) -> None:
+        self._inbox.put((body, received))
+
+    def disconnected(self, reason: str) -> None:
+        self._connected.clear()
+        metrics.stream_dropped(self.account, reason)
+
+    # -- writer ---------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        pending: list[tuple[Any, float]] = []
+        while True:
+            if not pending:
+                try:
+                    pending.append(self._inbox.get(timeout=0.2))
+                except queue.Empty:
+                    if self.stop.is_set() and self.stream_done():
+                        return
+                    continue
+            while len(pending) < MAX_BATCH:
+                try:
+                    pending.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.write(pending)
+                pending = []
+            except DatabaseError as exc:
+                # Keep the batch and try again: nothing the stream delivered is dropped
+                # while the database is away (REST would find it, but later).
+                log.error(
+                    "user_orders stream of %s: %s; keeping %d messages and retrying",
+                    self.account,
+                    exc,
+                    len(pending),
+                )
+                if self.stop.wait(1.0):
+                    log.warning(
+                        "user_orders stream of %s: stopping with %d messages not written; "
+                        "the next REST sync reads those orders again",
+                        self.account,
+                        len(pending),
+                    )
+                    return
+                self._catch_up.set()  # the database was away: reconcile once it is back
+
+    def stream_done(self) -> bool:
+        return not self._threads[0].is_alive()
+
+    def write(self, messages: list[tuple[Any, float]]) -> Batch:
+        """Commit ``messages`` (as received, with their arrival times) in one transaction."""
+        records: list[Order] = []
+        rejected: list[Rejected] = []
+        for body, _received in messages:
+            parsed = _parse(body)
+            if isinstance(parsed, Order):
+                records.append(parsed)
+            else:
+                rejected.append(parsed)
+        now = datetime.now(UTC)
+        newest = max(
+            (t for t in (_exchange_time(r) for r in records) if t is not None), default=None
+        )
+
+        def attempt(one_by_one: bool) -> Counts:
+            with transaction(self.engine) as conn:
+                counts, refused = write_records(
+                    conn,
+                    records,
+                    lambda c, rs: upsert_orders(
+                        c, rs, account=self.account, synced_at=now, from_stream=True
+                    ),
+                    one_by_one=one_by_one,
+                )
+                written = insert_rejected(
+                    conn,
+                    [*rejected, *refused],
+                    stream="orders",
+                    account=self.account,
+                    received_at=now,
+                )
+                if newest is not None:
+                    write_state(conn, self.account, STATE, watermark=newest)
+            return counts + Counts(rejected=written)
+
+        counts = refusal_safe(attempt, what="a batch of user_orders messages")
+        committed = time.time()
+        lags = [
+            committed - t.timestamp() for t in (_exchange_time(r) for r in records) if t is not None
+        ]
+        metrics.stream_committed(
+            self.account,
+            {
+                "inserted": counts.inserted,
+                "updated": counts.updated,
+                "unchanged": counts.unchanged,
+                "rejected": counts.rejected,
+            },
+            lags,
+        )
+        if newest is not None and (
+            self._last_exchange_time is None or newest > self._last_exchange_time
+        ):
+            self._last_exchange_time = newest
+        return Batch(counts=counts, lags=lags)
+
+    # -- catch-up -------------------------------------------------------------------------
+
+    def _catch_up_loop(self) -> None:
+        failures = 0
+        while not self.stop.is_set():
+            if not self._catch_up.wait(0.25):
+                continue
+            self._catch_up.clear()
+            try:
+                self.catch_up()
+                failures = 0
+            except StopRequested:
+                return
+            except LockBusyError as exc:
+                log.info("REST catch-up of %s waits: %s", self.account, exc)
+                self._retry_catch_up(2.0)
+            except EtlError as exc:
+                failures += 1
+                delay = min(60.0, 2.0**failures)
+                log.error(
+                    "REST catch-up of %s failed: %s; trying again in %.0fs",
+                    self.account,
+                    exc,
+                    delay,
+                )
+                self._retry_catch_up(delay)
+
+    def _retry_catch_up(self, delay: float) -> None:
+        if not self.stop.wait(delay):
+            self._catch_up.set()
+
+    def catch_up(self) -> None:
+        """One incremental REST sync whose lookback reaches the last change committed from
+        the stream (less a margin), so that whatever changed while no connection was up is
+        read."""
+        lookback = self.lookback
+        last = self._last_exchange_time
+        if last is not None:
+            lookback = max(lookback, datetime.now(UTC) - last + MARGIN)
+        log.info(
+            "user_orders stream of %s subscribed: catching up with REST (lookback %s)",
+            self.account,
+            timedelta(seconds=round(lookback.total_seconds())),
+        )
+        result = sync_orders(
+            self.engine,
+            self.client,
+            account=self.account,
+            lookback=lookback,
+            lock_wait=60.0,
+            stop=self.stop,
+        )
+        self.rest_synced()
+        self.catch_ups += 1
+        c = result.counts
+        log.info(
+            "REST catch-up of %s done: fetched %d, inserted %d, updated %d",
+            self.account,
+            c.fetched,
+            c.inserted,
+            c.updated,
+        )
+
+
+def _parse(body: Any) -> Order | Rejected:
+    if not isinstance(body, dict):
+        return Rejected("user_orders message: not a JSON object", body)
+    return parse_user_order(body.get("msg"))
+
+
+def _exchange_time(order: Order) -> datetime | None:
+    return order.last_update_time or order.created_time

@@ -1,0 +1,273 @@
+"""The user_orders WebSocket written into ``orders``, reconciled by REST, against the simulator
+over real loopback sockets (HTTP and WebSocket on one port) and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy.engine import Engine
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from etl.db.upsert import ORDER_COLUMNS
+from etl.kalshi.auth import KalshiAuth
+from etl.kalshi.client import KalshiClient, RetryPolicy
+from etl.kalshi.parse import STREAM_LACKS, Order, parse_order
+from etl.kalshi.stream import WS_PATH, StreamPolicy, stream_url
+from etl.simulator import Exchange, SimulatorApp, serve
+from etl.simulator.keys import key_id
+from etl.sync.realtime import RealtimeOrders
+from tests.fix_exchange import wait_until
+from tests.sync.helpers import ACCOUNT, assert_table_equals_truth, count, runs
+
+# What a user_order message carries: every column but the ones the channel lacks and raw.
+STREAMED = [c for c in ORDER_COLUMNS if c not in STREAM_LACKS and c != "raw"]
+FAST = StreamPolicy(ping_interval=0.2, ping_timeout=0.3, base_delay=0.05, max_delay=0.2)
+
+
+class Clock:
+    """Wall-clock time plus an offset a test can move (shared by the client and the server)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@dataclass
+class Live:
+    exchange: Exchange
+    app: SimulatorApp
+    client: KalshiClient
+    url: str
+    clock: Clock
+    key: rsa.RSAPrivateKey
+
+
+@pytest.fixture
+def live(private_key: rsa.RSAPrivateKey) -> Iterator[Live]:
+    """An exchange trading only when the test says so, served over HTTP and WebSocket."""
+    clock = Clock()
+    exchange = Exchange(seed=7, orders=150, now=datetime.now(UTC), events_per_second=0)
+    app = SimulatorApp(
+        exchange,
+        {key_id(private_key): private_key.public_key()},
+        wall_clock=clock,
+        stream_ping_interval=0.2,
+    )
+    server = serve(app)
+    base = f"http://127.0.0.1:{server.server_address[1]}/trade-api/v2"
+    client = KalshiClient(
+        base,
+        auth=KalshiAuth(key_id(private_key), private_key, clock=clock),
+        tokens_per_second=0,
+        page_size=200,
+        retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, max_total=5),
+    )
+    try:
+        yield Live(exchange, app, client, stream_url(base), clock, private_key)
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def realtime(db: Engine, live: Live) -> Iterator[RealtimeOrders]:
+    """The account's realtime path, started and subscribed, its first REST catch-up done."""
+    stop = threading.Event()
+    rt = RealtimeOrders(
+        db, live.client, account=ACCOUNT, stream_url=live.url, stop=stop, policy=FAST
+    )
+    rt.start()
+    wait_until(lambda: rt.connected and rt.catch_ups >= 1, timeout=20)
+    try:
+        yield rt
+    finally:
+        stop.set()
+        assert rt.join(timeout=10), "the realtime threads did not stop"
+
+
+def trade(live: Live, events: int, *, pause: float = 0.0) -> float:
+    """Play ``events`` trading events (one per millisecond of exchange time), ``pause``
+    seconds apart in real time; returns the wall time of the last one."""
+    for _ in range(events):
+        with live.app.lock:
+            live.exchange.step(1)
+        if pause:
+            time.sleep(pause)
+    return time.time()
+
+
+def streamed_table(engine: Engine) -> dict[str, tuple[Any, ...]]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT order_id, {', '.join(STREAMED)} FROM orders"))
+        return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def streamed_truth(exchange: Exchange) -> dict[str, tuple[Any, ...]]:
+    truth: dict[str, tuple[Any, ...]] = {}
+    for order_id, raw in exchange.truth().items():
+        order = parse_order(raw)
+        assert isinstance(order, Order)
+        truth[order_id] = tuple(getattr(order, c) for c in STREAMED)
+    return truth
+
+
+def stream_caught_up(engine: Engine, live: Live) -> bool:
+    """Every order in the table, each with the truth's values of every field the stream
+    carries (the ones it lacks are filled by REST)."""
+    with live.app.lock:
+        truth = streamed_truth(live.exchange)
+    return streamed_table(engine) == truth
+
+
+def rest_runs(engine: Engine) -> int:
+    return count(engine, "SELECT count(*) FROM sync_runs WHERE stream = 'orders'")
+
+
+def test_with_the_stream_on_the_table_equals_the_truth_within_a_second_of_the_last_change(
+    db, live, realtime
+):
+    assert_table_equals_truth(db, live.exchange)  # the first catch-up loaded everything
+    before = rest_runs(db)
+
+    last = trade(live, 300, pause=0.003)  # ~300 changes over about a second
+    wait_until(lambda: stream_caught_up(db, live), timeout=10, poll=0.01)
+    caught_up_after = time.time() - last
+
+    assert caught_up_after < 1.0, f"the table matched the truth {caught_up_after:.2f}s late"
+    assert rest_runs(db) == before, "REST ran: the stream alone should have done it"
+    assert live.app.stream.counts["messages"] >= 250
+
+
+def test_the_stream_records_the_newest_exchange_time_it_committed(db, live, realtime):
+    trade(live, 20)
+    wait_until(lambda: stream_caught_up(db, live), timeout=10)
+    with db.connect() as conn:
+        stored = conn.execute(
+            sa.text(
+                "SELECT watermark FROM sync_state WHERE account = :a AND stream = 'orders:stream'"
+            ),
+            {"a": ACCOUNT},
+        ).scalar_one()
+        newest = conn.execute(sa.text("SELECT max(last_update_time) FROM orders")).scalar_one()
+    assert stored == newest
+
+
+@pytest.mark.parametrize("fault", ["drop", "mute"])
+def test_after_a_lost_connection_during_which_orders_change_the_table_equals_the_truth(
+    db, live, realtime, fault
+):
+    hub = live.app.stream
+    catch_ups = realtime.catch_ups
+    with live.app.lock:  # the changes happen while no connection can carry them
+        hub.drop() if fault == "drop" else hub.mute()
+        live.exchange.step(60)
+    pushed_before = hub.counts["messages"]
+
+    wait_until(lambda: realtime.catch_ups > catch_ups and realtime.connected, timeout=20)
+    wait_until(lambda: stream_caught_up(db, live), timeout=10)
+
+    assert hub.counts["subscriptions"] >= 2
+    assert hub.counts["messages"] == pushed_before, "the lost changes were never pushed"
+    assert_table_equals_truth(db, live.exchange)  # the REST catch-up: every field, raw too
+
+
+def test_duplicated_and_reordered_messages_leave_the_newest_version(db, live, realtime):
+    hub = live.app.stream
+    hub.faults.duplicate_rate = 0.4
+    hub.faults.reorder_rate = 0.4
+    with live.app.lock:
+        orders = [live.exchange.create_order() for _ in range(30)]
+        resting = [o for o in orders if o.status == "resting"]
+    before = rest_runs(db)
+    for order in resting:  # each order changes 2-5 times in a row, 1 ms apart
+        while order.status == "resting":
+            with live.app.lock:
+                live.exchange.now += timedelta(milliseconds=1)
+                if order.filled < order.initial - 1 and order.filled < 3:
+                    live.exchange.fill(order.order_id, 1)
+                else:
+                    live.exchange.cancel(order.order_id)
+            time.sleep(0.002)  # messages of one order land in different commits
+
+    wait_until(lambda: stream_caught_up(db, live), timeout=10)
+    assert hub.counts["duplicated"] > 10 and hub.counts["reordered"] > 10
+    assert rest_runs(db) == before, "REST ran: the stream's guard alone should have done it"
+
+
+def test_a_message_older_than_the_stored_version_changes_nothing(db, live, realtime):
+    with live.app.lock:
+        order = live.exchange.create_order()
+        while order.status != "resting":
+            order = live.exchange.create_order()
+        older = {"type": "user_order", "sid": 1, "msg": order.render_user_order()}
+        live.exchange.now += timedelta(milliseconds=5)
+        live.exchange.fill(order.order_id, 1)
+        newer = {"type": "user_order", "sid": 1, "msg": order.render_user_order()}
+    wait_until(lambda: stream_caught_up(db, live), timeout=10)
+
+    late = realtime.write([(older, time.time())])  # in a commit of its own, after the newer
+    assert (late.counts.inserted, late.counts.updated, late.counts.unchanged) == (0, 0, 1)
+    again = realtime.write([(newer, time.time()), (newer, time.time())])
+    assert again.counts.unchanged == 2
+    assert stream_caught_up(db, live)
+
+
+def test_a_reconnect_signs_again_and_a_stale_signature_is_refused(db, live, realtime):
+    hub = live.app.stream
+    first = hub.upgrades[-1]
+    live.clock.offset += 90  # both clocks move: the first attempt's signature is now stale
+    subscriptions = hub.counts["subscriptions"]
+    hub.drop()
+    wait_until(lambda: hub.counts["subscriptions"] > subscriptions, timeout=20)
+
+    again = hub.upgrades[-1]
+    assert again["KALSHI-ACCESS-TIMESTAMP"] != first["KALSHI-ACCESS-TIMESTAMP"]
+    with pytest.raises(InvalidStatus) as refused:
+        connect(live.url, additional_headers=first, open_timeout=5)
+    assert refused.value.response.status_code == 401
+    assert b"more than 60 s off" in bytes(refused.value.response.body or b"")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(lambda auth: {}, id="no signature"),
+        pytest.param(lambda auth: auth.headers("GET", "/trade-api/v2"), id="wrong path signed"),
+        pytest.param(lambda auth: auth.headers("POST", WS_PATH), id="wrong method signed"),
+    ],
+)
+def test_an_upgrade_without_a_valid_signature_is_refused(live, headers):
+    auth = KalshiAuth(key_id(live.key), live.key, clock=live.clock)
+    with pytest.raises(InvalidStatus) as refused:
+        connect(live.url, additional_headers=headers(auth), open_timeout=5)
+    assert refused.value.response.status_code == 401
+    assert live.app.stream.counts["refused"] == 1
+
+
+def test_a_malformed_message_is_kept_in_rejected_records(db, live, realtime):
+    messages = [
+        ({"type": "user_order", "sid": 1, "msg": {"order_id": "x-1", "status": "resting"}}, 0.0),
+        ("not json at all", 0.0),
+    ]
+    batch = realtime.write(messages)
+    assert batch.counts.rejected == 2
+    with db.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT error, payload, payload_text FROM rejected_records ORDER BY id")
+        ).all()
+    assert "order x-1: user_order: missing required field 'ticker'" in rows[0].error
+    assert rows[0].payload == {"order_id": "x-1", "status": "resting"}
+    assert rows[1].payload_text == "not json at all"
+    assert runs(db)[-1].status == "succeeded"
