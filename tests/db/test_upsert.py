@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from etl.db.upsert import Counts, insert_rejected, upsert_orders
-from etl.kalshi.parse import Order, Rejected, parse_order
+from etl.kalshi.parse import Order, Rejected, parse_order, parse_user_order
 from tests.sync.helpers import ACCOUNT
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -141,3 +141,79 @@ def test_a_write_is_rolled_back_with_its_transaction(db):
         pass
     with db.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM orders")).scalar_one() == 0
+
+
+# -- versions from the user_orders stream ------------------------------------------------------
+
+
+def message(*, updated_ms: int | None, fill: str = "0.00", **fields: Any) -> Order:
+    payload = {
+        "order_id": "o1",
+        "ticker": "KX-M1",
+        "status": "resting",
+        "outcome_side": "yes",
+        "book_side": "bid",
+        "yes_price_dollars": "0.4000",
+        "fill_count_fp": fill,
+        "created_ts_ms": int(T0.timestamp() * 1000),
+        **({"last_updated_ts_ms": updated_ms} if updated_ms is not None else {}),
+        **fields,
+    }
+    parsed = parse_user_order(payload)
+    assert isinstance(parsed, Order)
+    return parsed
+
+
+def write_streamed(engine, *orders: Order) -> Counts:
+    with engine.begin() as conn:
+        return upsert_orders(conn, list(orders), account=ACCOUNT, synced_at=T0, from_stream=True)
+
+
+S10 = int(T0.timestamp() * 1000) + 10_000  # 00:00:10, the REST version's time
+
+
+def test_a_stream_version_never_overwrites_a_newer_rest_version(db):
+    write(db, order(fill_count=2))
+    assert write_streamed(db, message(updated_ms=S10 - 1, fill="1.00")).unchanged == 1
+    assert stored(db).fill_count == 2
+
+
+def test_a_newer_stream_version_replaces_rest_and_keeps_what_the_channel_lacks(db):
+    write(db, order(type="limit", cancel_order_on_pause=True))
+    assert write_streamed(db, message(updated_ms=S10 + 1, fill="1.00")).updated == 1
+    with db.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT fill_count_fp, type, side, action, cancel_order_on_pause FROM orders")
+        ).one()
+    assert (str(row.fill_count_fp), row.type, row.side, row.action) == (
+        "1.00",
+        "limit",
+        "yes",
+        "buy",
+    )
+    assert row.cancel_order_on_pause is True
+
+
+def test_at_equal_times_the_rest_version_is_kept_and_replaces_a_stream_version(db):
+    write(db, order())
+    assert write_streamed(db, message(updated_ms=S10)).unchanged == 1  # REST stays
+    assert "created_ts_ms" not in stored(db).raw
+
+    with db.begin() as conn:
+        conn.execute(sa.text("TRUNCATE orders"))
+    write_streamed(db, message(updated_ms=S10))
+    assert write(db, order()).updated == 1  # the REST version, with every field, wins the tie
+    assert "created_ts_ms" not in stored(db).raw
+    assert write(db, order()).unchanged == 1
+
+
+def test_two_stream_versions_at_the_same_millisecond_take_the_later_content(db):
+    write_streamed(db, message(updated_ms=S10, fill="1.00"))
+    assert write_streamed(db, message(updated_ms=S10, fill="2.00")).updated == 1
+    assert write_streamed(db, message(updated_ms=S10, fill="2.00")).unchanged == 1
+
+
+def test_a_stream_version_without_an_update_time_only_fills_a_gap(db):
+    assert write_streamed(db, message(updated_ms=None)).inserted == 1
+    assert write(db, order()).updated == 1
+    assert write_streamed(db, message(updated_ms=None, fill="5.00")).unchanged == 1

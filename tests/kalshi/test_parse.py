@@ -16,6 +16,7 @@ from etl.kalshi.parse import (
     Rejected,
     parse_order,
     parse_queue_position,
+    parse_user_order,
     storable_text,
     storage_problem,
 )
@@ -253,3 +254,92 @@ def test_a_nul_character_anywhere_rejects_the_order_keeping_it_as_json_text():
     assert isinstance(result, Rejected)
     assert "NUL" in result.reason
     assert isinstance(result.raw, str) and "\\u0000" in result.raw
+
+
+# -- user_order messages of the WebSocket ------------------------------------------------------
+
+USER_ORDER: dict[str, Any] = {
+    "order_id": "ord-ws",
+    "user_id": "u1",
+    "client_order_id": "c1",
+    "ticker": "KXBTC-26NOV21-T100",
+    "status": "resting",
+    "outcome_side": "no",
+    "book_side": "ask",
+    "yes_price_dollars": "0.4400",
+    "fill_count_fp": "3.00",
+    "remaining_count_fp": "7.00",
+    "initial_count_fp": "10.00",
+    "taker_fill_cost_dollars": "1.3200",
+    "maker_fill_cost_dollars": "0.0000",
+    "taker_fees_dollars": "0.0200",
+    "maker_fees_dollars": "0.0000",
+    "created_ts_ms": 1763640000123,
+    "last_updated_ts_ms": 1763640005456,
+    "expiration_ts_ms": 1763726400000,
+    "subaccount_number": 2,
+}
+
+
+def test_a_user_order_message_becomes_the_same_record_as_rest():
+    order = parse_user_order(USER_ORDER)
+    assert isinstance(order, Order), order
+    assert order.created_time == datetime(2025, 11, 20, 12, 0, 0, 123000, tzinfo=UTC)
+    assert order.last_update_time == datetime(2025, 11, 20, 12, 0, 5, 456000, tzinfo=UTC)
+    assert order.expiration_time == datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
+    assert order.no_price_dollars == Decimal("0.5600")  # derived: the message lacks it
+    assert (order.outcome_side, order.book_side, order.subaccount_number) == ("no", "ask", 2)
+    assert order.remaining_count_fp == Decimal("7.00")
+    assert order.type is None and order.cancel_order_on_pause is None
+    assert order.raw == USER_ORDER  # the message as received, not the derived fields
+
+
+def test_a_user_order_message_equals_the_rest_version_of_the_same_change():
+    rest = {
+        **{k: v for k, v in USER_ORDER.items() if not k.endswith("_ms")},
+        "no_price_dollars": "0.5600",
+        "created_time": "2025-11-20T12:00:00.123Z",
+        "last_update_time": "2025-11-20T12:00:05.456Z",
+        "expiration_time": "2025-11-21T12:00:00Z",
+    }
+    from_rest, from_stream = parsed(rest), parse_user_order(USER_ORDER)
+    assert isinstance(from_stream, Order)
+    assert {**vars(from_rest), "raw": None} == {**vars(from_stream), "raw": None}
+
+
+def test_deprecated_rfc3339_times_are_read_when_the_milliseconds_are_absent():
+    message = {
+        **{k: v for k, v in USER_ORDER.items() if not k.endswith("_ms")},
+        "created_time": "2025-11-20T12:00:00Z",
+        "last_update_time": "2025-11-20T12:00:01Z",
+        "side": "no",
+    }
+    order = parse_user_order(message)
+    assert isinstance(order, Order)
+    assert order.last_update_time == datetime(2025, 11, 20, 12, 0, 1, tzinfo=UTC)
+    assert order.side == "no"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"created_ts_ms": "1763640000123"}, "created_ts_ms: expected epoch milliseconds, got str"),
+        ({"last_updated_ts_ms": 1.5}, "last_updated_ts_ms: expected whole epoch milliseconds"),
+        ({"last_updated_ts_ms": -1}, "last_updated_ts_ms: not a time in epoch milliseconds"),
+        ({"expiration_ts_ms": 10**20}, "expiration_ts_ms: not a time in epoch milliseconds"),
+        ({"yes_price_dollars": "1.5"}, "yes_price_dollars: must be <= 1"),
+        ({"status": "teleported"}, "status: unknown value 'teleported'"),
+        ({"ticker": None}, "missing required field 'ticker'"),
+    ],
+)
+def test_a_broken_user_order_message_is_rejected_with_its_reason(change, reason):
+    result = parse_user_order({**USER_ORDER, **change})
+    assert isinstance(result, Rejected)
+    assert result.reason.startswith("order ord-ws: user_order: ")
+    assert reason in result.reason
+
+
+def test_a_user_order_message_that_is_not_an_object_is_rejected():
+    result = parse_user_order(["not", "an", "order"])
+    assert isinstance(result, Rejected)
+    assert result.reason == "user_order: expected a JSON object, got list"
