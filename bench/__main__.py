@@ -15,8 +15,13 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   in this process): the first poll, a poll with nothing changed and one with 1% changed,
   against reading the same positions from the API alone and a plain COPY of 10,000 rows.
 
+- realtime: the ``user_orders`` WebSocket into ``orders`` while a simulator in its own process
+  trades at 50 and 500 changes a second: event → commit latency p50/p99, against event →
+  received (the source: what no writer can beat) measured on the same messages, and the
+  messages per commit.
+
 Prints a table with ratios and writes bench/results.json. BENCH_ORDERS sets the account size
-(default 100000).
+(default 100000); BENCH_ONLY=stream runs the realtime part alone.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -45,10 +51,12 @@ from etl.db.upsert import ORDER_COLUMNS, _row, upsert_orders
 from etl.kalshi.auth import KalshiAuth, read_private_key_file
 from etl.kalshi.client import LIST_COST, KalshiClient, PageSize
 from etl.kalshi.parse import Order, parse_order
+from etl.kalshi.stream import stream_url
 from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import generate_key, key_id
 from etl.sync.orders import sync_orders
 from etl.sync.queue import poll_queue_positions
+from etl.sync.realtime import Batch, RealtimeOrders
 
 PAGE = 1000
 BASIC_TIER = 200.0  # read tokens per second
@@ -89,38 +97,31 @@ def main() -> int:
         admin.dispose()
 
 
-def run(engine: sa.Engine, n: int) -> int:
-    migrations.upgrade(engine)
-    print(f"kalshi-etl benchmark: {n} simulated orders, page size {PAGE}", file=sys.stderr)
-    home = Path(tempfile.mkdtemp(prefix="ketl-bench-"))
+def start_simulator(home: Path, *options: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """``kalshi-etl simulate`` in its own process on a free port; its three env lines."""
     simulator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "etl",
-            "simulate",
-            "--port",
-            "0",
-            "--orders",
-            str(n),
-            "--seed",
-            "42",
-            "--events-per-second",
-            "0",
-            "--rate-limit",
-            "0",
-        ],
+        [sys.executable, "-m", "etl", "simulate", "--port", "0", "--rate-limit", "0", *options],
         env={**os.environ, "KALSHI_ETL_HOME": str(home)},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    assert simulator.stdout is not None
+    lines = [simulator.stdout.readline().strip() for _ in range(3)]
+    return simulator, dict(line.split("=", 1) for line in lines)
+
+
+def run(engine: sa.Engine, n: int) -> int:
+    migrations.upgrade(engine)
+    if os.environ.get("BENCH_ONLY") == "stream":
+        stream = measure_stream(engine)
+        print_stream(stream)
+        return 0
+    print(f"kalshi-etl benchmark: {n} simulated orders, page size {PAGE}", file=sys.stderr)
+    home = Path(tempfile.mkdtemp(prefix="ketl-bench-"))
+    options = ("--orders", str(n), "--seed", "42", "--events-per-second", "0")
+    made, (simulator, env) = timed("simulator start", lambda: start_simulator(home, *options))
     try:
-        assert simulator.stdout is not None
-        made, lines = timed(
-            "simulator start", lambda: [simulator.stdout.readline().strip() for _ in range(3)]
-        )
-        env = dict(line.split("=", 1) for line in lines)
         return measure(engine, n, env, made)
     finally:
         simulator.terminate()
@@ -190,6 +191,7 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
         )
     calls_200 = api_calls() - calls_before
     queue = measure_queue(engine)
+    stream = measure_stream(engine)
 
     rate = lambda seconds: n / seconds  # noqa: E731
     rows = [
@@ -251,9 +253,11 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
         ),
     ):
         print(f"{label:<32}{seconds:>10.2f}{rows_written:>12}   {ratio}")
+    print_stream(stream)
     RESULTS.write_text(
         json.dumps(
             {
+                "stream": stream,
                 "orders": n,
                 "page_size": PAGE,
                 "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
@@ -402,6 +406,120 @@ def measure_queue(engine: sa.Engine) -> dict[str, Any]:
         "changed": t_moved,
         "changed_rows": moved.counts.inserted,
     }
+
+
+STREAM_RATES = (50, 500)  # trading events a second
+STREAM_SECONDS = 8.0
+STREAM_WARMUP = 1.5  # seconds after the catch-up before messages count
+
+
+class MeasuredRealtime(RealtimeOrders):
+    """The realtime path, keeping each message's latencies and each commit's size."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.measuring_from = float("inf")
+        self.to_commit: list[float] = []
+        self.to_receipt: list[float] = []
+        self.batch_sizes: list[int] = []
+
+    def write(self, messages: list[tuple[Any, float]]) -> Batch:
+        batch = super().write(messages)
+        committed = time.time()
+        for body, received in messages:
+            msg = body.get("msg") if isinstance(body, dict) else None
+            stamp = msg.get("last_updated_ts_ms") if isinstance(msg, dict) else None
+            if isinstance(stamp, int) and received >= self.measuring_from:
+                self.to_receipt.append(received - stamp / 1000)
+                self.to_commit.append(committed - stamp / 1000)
+        if messages[0][1] >= self.measuring_from:
+            self.batch_sizes.append(len(messages))
+        return batch
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure_stream(engine: sa.Engine) -> dict[str, Any]:
+    """Event → commit latency of the user_orders stream at each of :data:`STREAM_RATES`."""
+    results: dict[str, Any] = {}
+    for rate in STREAM_RATES:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("TRUNCATE orders, sync_state, sync_runs, rejected_records RESTART IDENTITY")
+            )
+        home = Path(tempfile.mkdtemp(prefix="ketl-bench-stream-"))
+        simulator, env = start_simulator(
+            home, "--orders", "2000", "--seed", "5", "--events-per-second", str(rate)
+        )
+        stop = threading.Event()
+        key = read_private_key_file(Path(env["KALSHI_PRIVATE_KEY_PATH"]))
+        try:
+            with KalshiClient(
+                env["KALSHI_API_BASE"],
+                auth=KalshiAuth(env["KALSHI_API_KEY_ID"], key),
+                tokens_per_second=0,
+            ) as c:
+                rt = MeasuredRealtime(
+                    engine,
+                    c,
+                    account="bench",
+                    stream_url=stream_url(env["KALSHI_API_BASE"]),
+                    stop=stop,
+                )
+                rt.start()
+                deadline = time.monotonic() + 30
+                while rt.catch_ups < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert rt.catch_ups >= 1, "the stream did not subscribe and catch up"
+                rt.measuring_from = time.time() + STREAM_WARMUP
+                print(f"  stream at {rate} events/s for {STREAM_SECONDS:.0f}s …", file=sys.stderr)
+                time.sleep(STREAM_WARMUP + STREAM_SECONDS)
+                stop.set()
+                rt.join(timeout=10)
+        finally:
+            stop.set()
+            simulator.terminate()
+            simulator.communicate(timeout=30)
+        commit, receipt, sizes = rt.to_commit, rt.to_receipt, rt.batch_sizes
+        assert commit, f"no message measured at {rate} events/s"
+        results[str(rate)] = {
+            "events_per_second": rate,
+            "messages": len(commit),
+            "messages_per_second": len(commit) / STREAM_SECONDS,
+            "event_to_receipt": {"p50": percentile(receipt, 0.5), "p99": percentile(receipt, 0.99)},
+            "event_to_commit": {"p50": percentile(commit, 0.5), "p99": percentile(commit, 0.99)},
+            "receipt_to_commit": {
+                "p50": percentile([c - r for c, r in zip(commit, receipt, strict=True)], 0.5),
+                "p99": percentile([c - r for c, r in zip(commit, receipt, strict=True)], 0.99),
+            },
+            "commits": len(sizes),
+            "messages_per_commit": {"mean": sum(sizes) / len(sizes), "max": max(sizes)},
+        }
+    return results
+
+
+def print_stream(stream: dict[str, Any]) -> None:
+    print()
+    print("realtime: user_orders WebSocket → orders (simulator in its own process)")
+    print(
+        f"{'events/s':>9}{'messages':>10}{'event→received':>20}{'event→commit':>20}"
+        f"{'received→commit':>20}{'msgs/commit':>14}   ratio"
+    )
+    for r in stream.values():
+        receipt, commit, ours = r["event_to_receipt"], r["event_to_commit"], r["receipt_to_commit"]
+        per = r["messages_per_commit"]
+        print(
+            f"{r['events_per_second']:>9}{r['messages']:>10}"
+            f"{receipt['p50'] * 1000:>9.1f}/{receipt['p99'] * 1000:>6.1f} ms"
+            f"{commit['p50'] * 1000:>9.1f}/{commit['p99'] * 1000:>6.1f} ms"
+            f"{ours['p50'] * 1000:>9.1f}/{ours['p99'] * 1000:>6.1f} ms"
+            f"{per['mean']:>8.1f}/{per['max']:>4}"
+            f"   p99 {commit['p99'] / max(receipt['p99'], 1e-9):.2f}× source"
+        )
+    print("(p50/p99; event = the order change's exchange timestamp, in ms as the channel sends it)")
 
 
 if __name__ == "__main__":

@@ -611,6 +611,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+STREAM_STATE = "orders:stream"  # etl.sync.realtime.STATE, without importing the stream here
+
+
 def status_lines(engine: Engine, account: str | None = None) -> list[str]:
     """The report of ``kalshi-etl status``: streams, their last runs, table sizes (of
     ``account`` only, when given)."""
@@ -623,14 +626,14 @@ def status_lines(engine: Engine, account: str | None = None) -> list[str]:
         states = conn.execute(
             sa.select(sync_state).where(*of(sync_state)).order_by("account", "stream")
         ).all()
+        latest = (
+            sa.select(sa.func.max(sync_runs.c.id))
+            .where(*of(sync_runs))
+            .group_by(sync_runs.c.account, sync_runs.c.stream)
+        )
         last_runs = {
             (r.account, r.stream): r
-            for r in conn.execute(
-                sa.select(sync_runs)
-                .where(*of(sync_runs))
-                .distinct(sync_runs.c.account, sync_runs.c.stream)
-                .order_by(sync_runs.c.account, sync_runs.c.stream, sync_runs.c.id.desc())
-            )
+            for r in conn.execute(sa.select(sync_runs).where(sync_runs.c.id.in_(latest)))
         }
         keys = sorted(
             {(s.account, s.stream) for s in states if ":" not in s.stream} | set(last_runs)
@@ -659,6 +662,13 @@ def status_lines(engine: Engine, account: str | None = None) -> list[str]:
                 )
                 if run.error:
                     lines.append(f"  error       {run.error}")
+        for state in states:
+            if state.stream == STREAM_STATE and state.watermark is not None:
+                lines.append(f"user_orders stream (account {state.account})")
+                lines.append(
+                    f"  last change {state.watermark.isoformat()} (committed "
+                    f"{state.updated_at.isoformat(timespec='seconds')})"
+                )
         lines.append("rows" if account is None else f"rows of account {account}")
         for table in (orders, queue_position_snapshots, sync_runs, sync_state, rejected_records):
             count = conn.execute(

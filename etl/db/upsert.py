@@ -65,7 +65,7 @@ def _merge_sql(*, stream: bool) -> str:
     return f"""
 WITH merged AS (
     INSERT INTO orders AS o ({", ".join(_STAGED)}, first_synced_at, synced_at)
-    SELECT {", ".join(_STAGED)}, %(at)s, %(at)s FROM {_STAGE}
+    SELECT {", ".join(_STAGED)}, %(at)s, %(at)s FROM {_STAGE} ORDER BY order_id
     ON CONFLICT (order_id) DO UPDATE SET {assignments}, synced_at = EXCLUDED.synced_at
     WHERE EXCLUDED.last_update_time > o.last_update_time
        OR (o.last_update_time IS NULL AND EXCLUDED.last_update_time IS NOT NULL)
@@ -134,6 +134,8 @@ def upsert_orders(
     """
     if not records:
         return Counts()
+    # Rows are locked in order_id order, whichever writer: the stream's micro-batches and a
+    # REST page touching the same orders can then never deadlock.
     batch = newest_per_order(records)
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)

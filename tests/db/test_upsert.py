@@ -3,6 +3,7 @@ a stale one never does, an identical replay writes nothing at all."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -217,3 +218,29 @@ def test_a_stream_version_without_an_update_time_only_fills_a_gap(db):
     assert write_streamed(db, message(updated_ms=None)).inserted == 1
     assert write(db, order()).updated == 1
     assert write_streamed(db, message(updated_ms=None, fill="5.00")).unchanged == 1
+
+
+def test_writers_touching_the_same_orders_in_opposite_orders_never_deadlock(db):
+    """The stream's micro-batches and REST pages overlap: rows are locked in one order."""
+    ids = [f"o{i:03d}" for i in range(150)]
+    failures: list[BaseException] = []
+
+    def writer(order_ids: list[str], second: int) -> None:
+        try:
+            for round_ in range(25):
+                stamp = f"2026-01-01T00:{round_:02d}:{second:02d}Z"
+                batch = [order(i, updated=stamp) for i in order_ids]
+                with db.begin() as conn:
+                    upsert_orders(conn, batch, account=ACCOUNT, synced_at=T0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=writer, args=(ids, 1)),
+        threading.Thread(target=writer, args=(ids[::-1], 2)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[0]

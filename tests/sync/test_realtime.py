@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from etl.cli import STREAM_STATE, status_lines
 from etl.db.upsert import ORDER_COLUMNS
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient, RetryPolicy
@@ -24,7 +25,7 @@ from etl.kalshi.parse import STREAM_LACKS, Order, parse_order
 from etl.kalshi.stream import WS_PATH, StreamPolicy, stream_url
 from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import key_id
-from etl.sync.realtime import RealtimeOrders
+from etl.sync.realtime import STATE, RealtimeOrders
 from tests.fix_exchange import wait_until
 from tests.sync.helpers import ACCOUNT, assert_table_equals_truth, count, runs
 
@@ -151,6 +152,7 @@ def test_with_the_stream_on_the_table_equals_the_truth_within_a_second_of_the_la
 
 
 def test_the_stream_records_the_newest_exchange_time_it_committed(db, live, realtime):
+    assert STREAM_STATE == STATE
     trade(live, 20)
     wait_until(lambda: stream_caught_up(db, live), timeout=10)
     with db.connect() as conn:
@@ -162,6 +164,7 @@ def test_the_stream_records_the_newest_exchange_time_it_committed(db, live, real
         ).scalar_one()
         newest = conn.execute(sa.text("SELECT max(last_update_time) FROM orders")).scalar_one()
     assert stored == newest
+    assert f"  last change {newest.isoformat()}" in "\n".join(status_lines(db, ACCOUNT))
 
 
 @pytest.mark.parametrize("fault", ["drop", "mute"])
