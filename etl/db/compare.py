@@ -7,7 +7,9 @@ comparison is then a few set-based queries:
 - **missing**: listed, not in ``orders``;
 - **stale**: stored, but the listing has a newer version (a later ``last_update_time``, or an
   equal one whose payload differs from every listed version), or it is stored for another
-  account;
+  account. A version the ``user_orders`` stream wrote (its payload is the message, not the
+  REST record) is current when its time and every field the channel carries equal a listed
+  version's;
 - **extra**: stored for the account, not listed, and first written before the listing began
   (an order a running daemon wrote meanwhile is not counted);
 - **unrecorded**: a listed record the parser rejects whose payload ``rejected_records`` lacks.
@@ -27,8 +29,8 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from etl.db.upsert import rejected_payload
-from etl.kalshi.parse import Order, Rejected
+from etl.db.upsert import ORDER_COLUMNS, rejected_payload
+from etl.kalshi.parse import STREAM_LACKS, Order, Rejected
 
 _LISTED = "kalshi_etl_listed"
 _LISTED_BAD = "kalshi_etl_listed_rejected"
@@ -36,6 +38,11 @@ _REPAIR = "kalshi_etl_listed_differing"
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 KINDS = ("missing", "stale", "extra", "unrecorded")
+# The fields a user_orders message carries, compared when the stored version came from it.
+_CARRIED = [
+    c for c in ORDER_COLUMNS if c not in (*STREAM_LACKS, "order_id", "last_update_time", "raw")
+]
+_LISTED_COLUMNS = ("order_id", "last_update_time", "raw", *_CARRIED)
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,8 @@ class Comparison:
 def start_listing(conn: Connection) -> None:
     """Create (or empty) this session's listing tables."""
     conn.exec_driver_sql(
-        f"CREATE TEMP TABLE IF NOT EXISTS {_LISTED} "
-        "(order_id text NOT NULL, last_update_time timestamptz, raw jsonb NOT NULL)"
+        f"CREATE TEMP TABLE IF NOT EXISTS {_LISTED} AS "
+        f"SELECT {', '.join(_LISTED_COLUMNS)} FROM orders WITH NO DATA"
     )
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE IF NOT EXISTS {_LISTED_BAD} "
@@ -74,10 +81,15 @@ def add_to_listing(
         driver = conn.connection.driver_connection
         assert isinstance(driver, psycopg.Connection)
         with driver.cursor() as cur:
-            with cur.copy(f"COPY {_LISTED} (order_id, last_update_time, raw) FROM STDIN") as copy:
+            with cur.copy(f"COPY {_LISTED} ({', '.join(_LISTED_COLUMNS)}) FROM STDIN") as copy:
                 for order in orders:
                     copy.write_row(
-                        (order.order_id, order.last_update_time, _JSON.encode(order.raw))
+                        (
+                            order.order_id,
+                            order.last_update_time,
+                            _JSON.encode(order.raw),
+                            *(getattr(order, c) for c in _CARRIED),
+                        )
                     )
     for item in rejected:
         order_id = item.raw.get("order_id") if isinstance(item.raw, dict) else None
@@ -108,6 +120,11 @@ _UNRECORDED = f"""
         WHERE r.stream = 'orders' AND (r.payload = b.payload OR r.payload_text = b.payload_text))
 """
 
+_SAME_CARRIED = (
+    f"({', '.join('v.' + c for c in _CARRIED)}) IS NOT DISTINCT FROM "
+    f"({', '.join('o.' + c for c in _CARRIED)})"
+)
+
 _QUERIES = {
     "missing": f"""
         SELECT l.order_id FROM ({_NEWEST}) l
@@ -121,7 +138,8 @@ _QUERIES = {
            OR (l.newest IS NOT DISTINCT FROM o.last_update_time AND NOT EXISTS (
                 SELECT 1 FROM {_LISTED} v
                 WHERE v.order_id = l.order_id
-                  AND v.last_update_time IS NOT DISTINCT FROM l.newest AND v.raw = o.raw))
+                  AND v.last_update_time IS NOT DISTINCT FROM l.newest
+                  AND (v.raw = o.raw OR (o.raw ? 'created_ts_ms' AND {_SAME_CARRIED}))))
     """,
     "extra": f"""
         SELECT o.order_id FROM orders o

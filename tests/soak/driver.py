@@ -1,11 +1,13 @@
 """The soak: several accounts, daemon replicas and a backfill under faults and kills.
 
 A simulator serves N accounts (each with its own key) with 5xx, 429, slow answers and
-always-malformed orders, while it trades. Against a PostgreSQL of its own (embedded, so that
-it can be stopped and started again), R ``kalshi-etl daemon`` replicas and one
-``kalshi-etl backfill`` run as subprocesses. A driver kill -9s one of them at random
-moments; a supervisor restarts whatever exits, as systemd's ``Restart=`` would; PostgreSQL is
-stopped and started once. Then trading pauses, the daemons catch up and are stopped with
+always-malformed orders, while it trades; its WebSocket drops every connection every few
+seconds and duplicates and reorders messages, for the replica that streams (``--realtime``).
+Against a PostgreSQL of its own (embedded, so that it can be stopped and started again),
+R ``kalshi-etl daemon`` replicas and one ``kalshi-etl backfill`` run as subprocesses. A
+driver kill -9s one of them at random moments; a supervisor restarts whatever exits, as
+systemd's ``Restart=`` would; PostgreSQL is stopped and started once. Then trading pauses,
+the daemons catch up and are stopped with
 SIGTERM, and the checks run:
 
 - ``kalshi-etl verify`` passes for every account (exit 0);
@@ -60,6 +62,10 @@ class SoakConfig:
     malformed: float = 0.02
     kill_every: tuple[float, float] = (1.0, 4.0)  # seconds between kill -9s, at random
     seed: int = 7
+    realtime: int = 1  # how many of the replicas also stream user_orders (--realtime)
+    stream_drop_every: tuple[float, float] = (2.0, 8.0)  # seconds between WebSocket drops
+    stream_duplicate_rate: float = 0.05
+    stream_reorder_rate: float = 0.05
 
 
 @dataclass
@@ -165,8 +171,9 @@ class SoakReport:
     def lines(self) -> list[str]:
         c = self.config
         out = [
-            f"soak: {c.seconds:.0f}s, {c.accounts} accounts, {c.replicas} daemon replicas and a "
-            f"backfill, {c.events_per_second:g} trading events/s per account",
+            f"soak: {c.seconds:.0f}s, {c.accounts} accounts, {c.replicas} daemon replicas "
+            f"({c.realtime} streaming user_orders) and a backfill, {c.events_per_second:g} "
+            "trading events/s per account",
             "injected: " + ", ".join(f"{k} {v}" for k, v in self.injected.items()),
             "verified: " + ", ".join(f"{k} {v}" for k, v in self.verified.items()),
         ]
@@ -233,7 +240,11 @@ def _soak(
     since = (datetime.now(UTC) - timedelta(days=65)).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         for n in range(1, config.replicas + 1):
-            supervisor.add(Process(f"daemon-{n}", ["daemon", *every]))
+            realtime = ["--realtime"] if n <= config.realtime else []
+            supervisor.add(Process(f"daemon-{n}", ["daemon", *every, *realtime]))
+        stream = live.app.stream
+        stream.faults.duplicate_rate = config.stream_duplicate_rate
+        stream.faults.reorder_rate = config.stream_reorder_rate
         supervisor.add(
             Process(
                 "backfill",
@@ -244,6 +255,7 @@ def _soak(
         started = time.monotonic()
         restarted_db = False
         next_kill = started + rng.uniform(*config.kill_every)
+        next_drop = started + rng.uniform(*config.stream_drop_every)
         while time.monotonic() - started < config.seconds:
             supervisor.tend()
             now = time.monotonic()
@@ -251,6 +263,9 @@ def _soak(
                 victim = supervisor.kill_one(rng)
                 say(f"  {now - started:5.1f}s kill -9 {victim}")
                 next_kill = now + rng.uniform(*config.kill_every)
+            if config.realtime and now >= next_drop:
+                stream.drop()
+                next_drop = now + rng.uniform(*config.stream_drop_every)
             if not restarted_db and now - started >= config.seconds * 0.4:
                 say(f"  {now - started:5.1f}s PostgreSQL stopped")
                 restart_postgres(server, down=2.0)
@@ -272,6 +287,7 @@ def _soak(
         while time.monotonic() < end:
             supervisor.tend()
             time.sleep(0.2)
+        stream.faults.duplicate_rate = stream.faults.reorder_rate = 0.0
         stops = [
             (p.name, *supervisor.stop(p)) for p in supervisor.processes if p.name != "backfill"
         ]
@@ -285,7 +301,7 @@ def _soak(
         (folder / "verify.log").write_text(verify.stdout + verify.stderr)
         if verify.returncode != 0:
             problems.append(f"verify exited {verify.returncode}:\n{verify.stdout}{verify.stderr}")
-        verified = _check_tables(engine, live, problems)
+        verified = _check_tables(engine, live, problems, realtime=config.realtime > 0)
         verified["verify exit"] = verify.returncode
         verified["daemon stops"] = ", ".join(f"{code} in {took:.1f}s" for _, code, took in stops)
         injected = {
@@ -299,6 +315,11 @@ def _soak(
             "distinct malformed records": sum(
                 len(a.exchange.malformed_records()) for a in live.accounts
             ),
+            "WebSocket drops": stream.counts["dropped"],
+            "stream messages": stream.counts["messages"],
+            "duplicated": stream.counts["duplicated"],
+            "reordered": stream.counts["reordered"],
+            "subscriptions": stream.counts["subscriptions"],
         }
         exits: Counter[int] = Counter()
         for p in supervisor.processes:
@@ -327,7 +348,9 @@ def overlapping_runs(engine: sa.Engine) -> list[Any]:
         )
 
 
-def _check_tables(engine: sa.Engine, live: LiveAccounts, problems: list[str]) -> dict[str, Any]:
+def _check_tables(
+    engine: sa.Engine, live: LiveAccounts, problems: list[str], *, realtime: bool
+) -> dict[str, Any]:
     overlaps = overlapping_runs(engine)
     with engine.connect() as conn:
         running = conn.exec_driver_sql(
@@ -346,6 +369,12 @@ def _check_tables(engine: sa.Engine, live: LiveAccounts, problems: list[str]) ->
         stored: dict[str, int] = dict(
             conn.exec_driver_sql("SELECT account, count(*) FROM orders GROUP BY account").all()
         )
+        streamed = {
+            row[0]
+            for row in conn.exec_driver_sql(
+                "SELECT account FROM sync_state WHERE stream = 'orders:stream'"
+            )
+        }
     if overlaps:
         problems.append(f"{len(overlaps)} runs overlapped another of their stream: {overlaps[:3]}")
     if running:
@@ -364,8 +393,13 @@ def _check_tables(engine: sa.Engine, live: LiveAccounts, problems: list[str]) ->
                 f"{a.name}: orders holds {stored.get(a.name, 0)}, the exchange "
                 f"{len(a.exchange.truth())}"
             )
+    if realtime and streamed != {a.name for a in live.accounts}:
+        problems.append(
+            f"the stream committed nothing for {sorted(streamed ^ {a.name for a in live.accounts})}"
+        )
     return {
         "accounts": len(live.accounts),
+        "accounts the stream wrote": len(streamed),
         "orders": sum(stored.values()),
         "malformed records in rejected_records": sum(
             len(a.exchange.malformed_records()) for a in live.accounts

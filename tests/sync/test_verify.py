@@ -4,7 +4,10 @@ write can repair."""
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
+from etl.db.upsert import upsert_orders
+from etl.kalshi.parse import Order, parse_user_order
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
 from etl.sync.orders import sync_orders
@@ -114,3 +117,26 @@ def test_verify_is_per_account(db, account_keys):
         wrong = verify_orders(db, c1, account="two")  # the other account's key
     assert wrong.before.counts["extra"] == len(second.truth())
     assert wrong.before.counts["stale"] == len(first.truth())  # stored for another account
+
+
+def test_a_version_from_the_stream_is_current_when_every_field_it_carries_agrees(
+    db, client, exchange
+):
+    sync_orders(db, client, account=ACCOUNT)
+    same, changed = exchange.resting_ids()[:2]
+    messages = [
+        exchange.order(same).render_user_order(),
+        exchange.order(changed).render_user_order(),
+    ]
+    messages[1]["fill_count_fp"] = "99.00"  # what no listed version says
+    streamed = [o for o in map(parse_user_order, messages) if isinstance(o, Order)]
+    assert len(streamed) == 2
+    with db.begin() as conn:  # as if the stream had written these two first
+        conn.execute(
+            sa.text("DELETE FROM orders WHERE order_id IN (:a, :b)"), {"a": same, "b": changed}
+        )
+        upsert_orders(conn, streamed, account=ACCOUNT, synced_at=NOW, from_stream=True)
+
+    result = verify_orders(db, client, account=ACCOUNT)
+    assert result.before.counts == {"missing": 0, "stale": 1, "extra": 0, "unrecorded": 0}
+    assert result.before.examples["stale"] == [changed]
