@@ -707,6 +707,10 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         ),
         seed=args.seed,
     )
+    app.stream.faults.duplicate_rate = args.stream_duplicate_rate
+    app.stream.faults.reorder_rate = args.stream_reorder_rate
+    if args.events_per_second:
+        app.stream.trade_continuously(exchange)
     server = make_server_for(app, args.host, args.port)
     host, port = str(server.server_address[0]), int(server.server_address[1])
     print(f"KALSHI_API_BASE=http://{host}:{port}/trade-api/v2")
@@ -714,19 +718,32 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     print(f"KALSHI_PRIVATE_KEY_PATH={key_path}")
     sys.stdout.flush()
     log.info(
-        "simulator serving %d orders (API %s, min_ts on %s) on http://%s:%s; Ctrl-C stops it",
+        "simulator serving %d orders (API %s, min_ts on %s) on http://%s:%s and the "
+        "user_orders WebSocket on ws://%s:%s/trade-api/ws/v2; Ctrl-C stops it",
         args.orders,
         args.api,
         args.min_ts_on,
         host,
         port,
+        host,
+        port,
     )
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    stopped = threading.Event()
+    if args.stream_drop_every is not None:
+        every = args.stream_drop_every.total_seconds()
+
+        def drop_connections() -> None:
+            while not stopped.wait(every):
+                log.info("simulator: cut %d WebSocket connections", app.stream.drop())
+
+        threading.Thread(target=drop_connections, name="ws-drops", daemon=True).start()
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
+        stopped.set()
         server.server_close()
     return 0
 
@@ -1035,6 +1052,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=_number(float, 0, 1),
         default=0.0,
         help="fraction of order pages with one malformed record",
+    )
+    p.add_argument(
+        "--stream-duplicate-rate",
+        type=_number(float, 0, 1),
+        default=0.0,
+        help="fraction of WebSocket user_order messages sent twice",
+    )
+    p.add_argument(
+        "--stream-reorder-rate",
+        type=_number(float, 0, 1),
+        default=0.0,
+        help="fraction of WebSocket messages held back 20 ms, so later ones overtake them",
+    )
+    p.add_argument(
+        "--stream-drop-every",
+        type=_duration,
+        default=None,
+        help="cut every WebSocket connection (no close frame) this often, e.g. 30s",
     )
 
     p = add("demo", cmd_demo, "the newcomer demo (what `make demo` runs)")

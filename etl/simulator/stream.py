@@ -11,8 +11,8 @@ sans-I/O core of ``websockets`` on the raw socket, so that every fault is in our
   on every change the exchange makes to an order of that key's account is sent as
   ``{"type": "user_order", "sid", "msg": {...}}`` (KALSHI.md, "WebSocket").
 - The server pings every ``ping_interval`` seconds; the client's pings are answered.
-- While a subscription is open, a ticker plays the exchange's trading events as the wall
-  clock passes (REST requests do too), so that changes are pushed as they happen.
+- Once an account has been subscribed to, a ticker plays its exchange's trading events as the
+  wall clock passes (REST requests do too), so that changes are pushed as they happen.
 
 Faults on demand: :meth:`StreamHub.drop` cuts every connection without a close frame;
 :meth:`StreamHub.mute` makes connections go silent without closing (no messages, no pings,
@@ -86,7 +86,7 @@ class StreamHub:
         self._ticker: threading.Thread | None = None
         self._rng = random.Random(0x57EA)
         self._sids = itertools.count(1)
-        self._watched: set[int] = set()
+        self._watched: dict[int, Exchange] = {}
         # The signed headers of every accepted upgrade, for tests (bounded).
         self.upgrades: deque[dict[str, str]] = deque(maxlen=1000)
 
@@ -132,10 +132,17 @@ class StreamHub:
 
     def watch(self, exchange: Exchange) -> None:
         """Send ``exchange``'s changes to its subscribers (once per exchange)."""
-        if id(exchange) in self._watched:
-            return
-        self._watched.add(id(exchange))
+        with self._lock:
+            if id(exchange) in self._watched:
+                return
+            self._watched[id(exchange)] = exchange
         exchange.listeners.append(lambda order: self._publish(exchange, order))
+
+    def trade_continuously(self, exchange: Exchange) -> None:
+        """Play ``exchange``'s trading as the wall clock passes from now on, whether or not
+        anyone is connected (``kalshi-etl simulate`` does this)."""
+        self.watch(exchange)
+        self._ensure_ticker()
 
     def _publish(self, exchange: Exchange, order: SimOrder) -> None:
         # Called under the app's lock by the exchange: only queue, never block.
@@ -157,22 +164,17 @@ class StreamHub:
         self._ticker.start()
 
     def _tick(self) -> None:
-        """Play trading events as time passes while anyone listens, so changes are pushed as
-        they happen rather than when the next REST request arrives."""
+        """Play trading events as time passes on every exchange anyone has subscribed to, so
+        that changes are pushed as they happen (not when the next REST request arrives), and
+        those made while no connection is up are lost to the stream, as on the real one."""
         while not self._closed.wait(TICK):
             with self._lock:
-                exchanges = {
-                    id(s.exchange): s.exchange
-                    for s in self._sessions
-                    if s.sid and s.exchange is not None
-                }
-            if not exchanges:
-                continue
+                exchanges = list(self._watched.values())
             with self.app.lock:
                 if not self.app.advance:
                     continue
                 now = datetime.fromtimestamp(self.app.wall_clock(), UTC)
-                for exchange in exchanges.values():
+                for exchange in exchanges:
                     exchange.advance_to(now)
 
     # -- connections ----------------------------------------------------------------------

@@ -23,3 +23,6 @@ def test_a_short_soak_converges_with_nothing_lost_and_no_run_overlapping(
     assert report.injected["kill -9"] >= 3 and report.injected["PostgreSQL restarts"] == 1
     assert report.injected["5xx"] and report.injected["429"]
     assert report.injected["distinct malformed records"] > 0
+    assert (
+        report.injected["WebSocket drops"] > 0 and report.verified["accounts the stream wrote"] == 6
+    )
