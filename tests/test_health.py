@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -217,6 +220,39 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def daemon_env(
+    server: Any, private_key: Any, key_file: Path, database_url: str, home: Path, port: int
+) -> dict[str, str]:
+    """The environment of a daemon process on ``server`` with its metrics on ``port``."""
+    return {
+        "PATH": "/usr/bin:/bin",
+        "KALSHI_API_BASE": f"http://127.0.0.1:{server.server_address[1]}/trade-api/v2",
+        "KALSHI_API_KEY_ID": key_id(private_key),
+        "KALSHI_PRIVATE_KEY_PATH": str(key_file),
+        "KALSHI_READ_TOKENS_PER_SECOND": "0",
+        "KALSHI_ETL_HOME": str(home),
+        "KALSHI_ETL_METRICS_PORT": str(port),
+        "DATABASE_URL": database_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def wait_ready(proc: subprocess.Popen[str], url: str, timeout: float = 30) -> None:
+    """Wait for the daemon's /readyz to answer 200; fail with its stderr if it does not."""
+
+    def ready() -> bool:
+        try:
+            return httpx.get(url + "/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, timeout=timeout)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(proc.communicate()[1][-3000:]) from None
+
+
 def in_step(db, exchange: Exchange) -> bool:
     try:
         assert_table_equals_truth(db, exchange)
@@ -235,33 +271,12 @@ def test_a_daemon_keeps_orders_and_queue_positions_equal_to_a_trading_exchange(
     app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=True)
     server = serve(app)
     port = free_port()
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "KALSHI_API_BASE": f"http://127.0.0.1:{server.server_address[1]}/trade-api/v2",
-        "KALSHI_API_KEY_ID": key_id(private_key),
-        "KALSHI_PRIVATE_KEY_PATH": str(key_file),
-        "KALSHI_READ_TOKENS_PER_SECOND": "0",
-        "KALSHI_ETL_HOME": str(tmp_path),
-        "KALSHI_ETL_METRICS_PORT": str(port),
-        "DATABASE_URL": database_url,
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = daemon_env(server, private_key, key_file, database_url, tmp_path, port)
     interval = 1.0
     proc = spawn(["daemon", "--orders-every", "1s", "--queue-every", "1s"], env)
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(url + "/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        try:
-            wait_until(ready, timeout=30)
-        except AssertionError:
-            proc.kill()
-            raise AssertionError(proc.communicate()[1][-3000:]) from None
+        wait_ready(proc, url)
         runs_before = scrape(url + "/metrics")
         for _ in range(2):  # trade, then hold still: the tables catch up within two intervals
             time.sleep(2 * interval)

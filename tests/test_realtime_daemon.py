@@ -18,7 +18,7 @@ from etl.simulator.keys import key_id
 from tests.fix_exchange import spawn, wait_until
 from tests.sync.helpers import count
 from tests.sync.test_realtime import streamed_table, streamed_truth
-from tests.test_health import free_port, scrape, value
+from tests.test_health import daemon_env, free_port, scrape, value, wait_ready
 
 
 def test_a_realtime_daemon_keeps_orders_within_a_second_of_a_trading_exchange(
@@ -30,33 +30,14 @@ def test_a_realtime_daemon_keeps_orders_within_a_second_of_a_trading_exchange(
     port = free_port()
     account = key_id(private_key)
     env = {
-        "PATH": "/usr/bin:/bin",
-        "KALSHI_API_BASE": f"http://127.0.0.1:{server.server_address[1]}/trade-api/v2",
-        "KALSHI_API_KEY_ID": account,
-        "KALSHI_PRIVATE_KEY_PATH": str(key_file),
-        "KALSHI_READ_TOKENS_PER_SECOND": "0",
-        "KALSHI_ETL_HOME": str(tmp_path),
-        "KALSHI_ETL_METRICS_PORT": str(port),
+        **daemon_env(server, private_key, key_file, database_url, tmp_path, port),
         "KALSHI_ETL_REALTIME": "1",
-        "DATABASE_URL": database_url,
-        "PYTHONUNBUFFERED": "1",
     }
     proc = spawn(["daemon", "--orders-every", "1s", "--realtime-rest-every", "1h"], env)
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(url + "/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        try:
-            wait_until(ready, timeout=30)
-            wait_until(lambda: app.stream.subscribers() == 1, timeout=10)
-        except AssertionError:
-            proc.kill()
-            raise AssertionError(proc.communicate()[1][-3000:]) from None
+        wait_ready(proc, url)
+        wait_until(lambda: app.stream.subscribers() == 1, timeout=10)
         rest_runs = "SELECT count(*) FROM sync_runs WHERE stream = 'orders'"
         wait_until(lambda: count(db, rest_runs) >= 1, timeout=10)  # the catch-up
         time.sleep(0.5)
