@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from etl.errors import ConfigError
@@ -130,7 +130,7 @@ class OrderStream:
                 reason = "closed"
             except InvalidStatus as exc:
                 reason = _refusal(exc)
-            except (ConnectionClosed, InvalidHandshake, OSError, StreamError) as exc:
+            except (WebSocketException, OSError, StreamError) as exc:
                 reason = _describe(exc)
             if self.stop.is_set():
                 return

@@ -191,6 +191,18 @@ class RealtimeOrders:
                     )
                     return
                 self._catch_up.set()  # the database was away: reconcile once it is back
+            except Exception as exc:  # a bug: say so, keep streaming, let REST cover the batch
+                log.error(
+                    "user_orders stream of %s: could not write %d messages: %s: %s (a bug: "
+                    "please report it; the REST catch-up reads those orders again)",
+                    self.account,
+                    len(pending),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+                pending = []
+                self._catch_up.set()
 
     def stream_done(self) -> bool:
         return not self._threads[0].is_alive()
@@ -278,6 +290,15 @@ class RealtimeOrders:
                     delay,
                 )
                 self._retry_catch_up(delay)
+            except Exception as exc:  # a bug: say so; the periodic REST cycle still runs
+                log.error(
+                    "REST catch-up of %s failed unexpectedly: %s: %s (a bug: please report it)",
+                    self.account,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+                self._retry_catch_up(60.0)
 
     def _retry_catch_up(self, delay: float) -> None:
         if not self.stop.wait(delay):

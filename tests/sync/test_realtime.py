@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,9 @@ from sqlalchemy.engine import Engine
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from etl import metrics
 from etl.cli import STREAM_STATE, status_lines
+from etl.db.engine import create_engine
 from etl.db.upsert import ORDER_COLUMNS
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient, RetryPolicy
@@ -27,6 +30,7 @@ from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import key_id
 from etl.sync.realtime import STATE, RealtimeOrders
 from tests.fix_exchange import wait_until
+from tests.proxy import DatabaseProxy
 from tests.sync.helpers import ACCOUNT, assert_table_equals_truth, count, runs
 
 # What a user_order message carries: every column but the ones the channel lacks and raw.
@@ -274,3 +278,40 @@ def test_a_malformed_message_is_kept_in_rejected_records(db, live, realtime):
     assert rows[0].payload == {"order_id": "x-1", "status": "resting"}
     assert rows[1].payload_text == "not json at all"
     assert runs(db)[-1].status == "succeeded"
+
+
+def test_messages_that_arrive_while_the_database_is_away_are_written_once_it_is_back(
+    db, database_url, live
+):
+    proxy = DatabaseProxy(database_url).start()
+    engine = create_engine(proxy.proxied_url)
+    stop = threading.Event()
+    account = f"acct-{uuid.uuid4().hex[:6]}"  # the metrics are per process: read deltas
+    rt = RealtimeOrders(
+        engine, live.client, account=account, stream_url=live.url, stop=stop, policy=FAST
+    )
+
+    def written() -> float:
+        return sum(
+            metrics.REGISTRY.get_sample_value(
+                "kalshi_etl_stream_messages_total", {"account": account, "outcome": outcome}
+            )
+            or 0.0
+            for outcome in ("inserted", "updated", "unchanged")
+        )
+
+    try:
+        rt.start()
+        wait_until(lambda: rt.connected and rt.catch_ups >= 1, timeout=20)
+        proxy.stop()
+        trade(live, 40)
+        time.sleep(1.5)  # the writer fails, keeps the messages, tries again each second
+        assert written() == 0
+        proxy.start()
+        wait_until(lambda: written() >= 30, timeout=15)
+        wait_until(lambda: stream_caught_up(db, live), timeout=15)
+    finally:
+        stop.set()
+        rt.join(timeout=10)
+        proxy.stop()
+        engine.dispose()
