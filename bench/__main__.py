@@ -20,8 +20,16 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   received (the source: what no writer can beat) measured on the same messages, and the
   messages per commit.
 
+- as users load: the first ``kalshi-etl sync`` as a process of its own, on accounts of 100,000
+  and 1,000,000 orders (``--quick``: 100,000 only) with 8% and 35% of them resting: orders/s
+  against a fetch-only pass over the same simulator (every page of both tiers read and
+  decoded, nothing parsed or written), its CPU per order and peak RSS, then the no-change
+  cycle's seconds and API calls;
+- a rate-limited first load (simulator and client at 200 tokens/s, the Basic tier): list calls
+  per second against the budget's 20, and the 429s received.
+
 Prints a table with ratios and writes bench/results.json. BENCH_ORDERS sets the account size
-(default 100000); BENCH_ONLY=stream runs the realtime part alone.
+of the detailed part (default 100000); BENCH_ONLY=stream, =load or =limit runs one part alone.
 """
 
 from __future__ import annotations
@@ -113,9 +121,15 @@ def start_simulator(home: Path, *options: str) -> tuple[subprocess.Popen[str], d
 
 def run(engine: sa.Engine, n: int) -> int:
     migrations.upgrade(engine)
-    if os.environ.get("BENCH_ONLY") == "stream":
-        stream = measure_stream(engine)
-        print_stream(stream)
+    only = os.environ.get("BENCH_ONLY")
+    if only == "stream":
+        print_stream(measure_stream(engine))
+        return 0
+    if only == "load":
+        print_loads(measure_loads(engine, quick=QUICK))
+        return 0
+    if only == "limit":
+        print_limited(measure_limited(engine))
         return 0
     print(f"kalshi-etl benchmark: {n} simulated orders, page size {PAGE}", file=sys.stderr)
     home = Path(tempfile.mkdtemp(prefix="ketl-bench-"))
@@ -192,6 +206,8 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     calls_200 = api_calls() - calls_before
     queue = measure_queue(engine)
     stream = measure_stream(engine)
+    loads = measure_loads(engine, quick=QUICK)
+    limited = measure_limited(engine)
 
     rate = lambda seconds: n / seconds  # noqa: E731
     rows = [
@@ -254,9 +270,13 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     ):
         print(f"{label:<32}{seconds:>10.2f}{rows_written:>12}   {ratio}")
     print_stream(stream)
+    print_loads(loads)
+    print_limited(limited)
     RESULTS.write_text(
         json.dumps(
             {
+                "loads": loads,
+                "rate_limited": limited,
                 "stream": stream,
                 "orders": n,
                 "page_size": PAGE,
@@ -296,15 +316,21 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     return 0
 
 
-def api_calls() -> float:
-    """Kalshi API calls made by this process so far, from its own metrics."""
+def api_calls(*, list_only: bool = False, status: str | None = None) -> float:
+    """Kalshi API calls made by this process so far, from its own metrics: all of them, the
+    list calls only, or the answers of one HTTP status."""
     return sum(
         sample.value
         for family in metrics.REGISTRY.collect()
         if family.name == "kalshi_etl_api_requests"
         for sample in family.samples
         if sample.name.endswith("_total")
+        and (not list_only or sample.labels["endpoint"] in LIST_ENDPOINTS)
+        and (status is None or sample.labels["status"] == status)
     )
+
+
+LIST_ENDPOINTS = ("/portfolio/orders", "/historical/orders")
 
 
 def measure_queue(engine: sa.Engine) -> dict[str, Any]:
@@ -406,6 +432,200 @@ def measure_queue(engine: sa.Engine) -> dict[str, Any]:
         "changed": t_moved,
         "changed_rows": moved.counts.inserted,
     }
+
+
+QUICK = "--quick" in sys.argv[1:]
+LOAD_SIZES = (100_000, 1_000_000)
+RESTING = (0.08, 0.35)
+
+
+def reset(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "TRUNCATE orders, queue_position_snapshots, sync_state, sync_runs, "
+                "rejected_records RESTART IDENTITY"
+            )
+        )
+
+
+def fetch_only(env: dict[str, str]) -> tuple[float, int]:
+    """Read and decode every page of both tiers, as a first sync does, and nothing else."""
+    key = read_private_key_file(Path(env["KALSHI_PRIVATE_KEY_PATH"]))
+    started = time.perf_counter()
+    items = 0
+    with KalshiClient(
+        env["KALSHI_API_BASE"], auth=KalshiAuth(env["KALSHI_API_KEY_ID"], key), tokens_per_second=0
+    ) as c:
+        for page in c.iter_order_pages():
+            items += len(page.items)
+        for page in c.iter_historical_order_pages():
+            items += len(page.items)
+    return time.perf_counter() - started, items
+
+
+# Runs the CLI, then reports its own CPU time and peak RSS on stderr.
+_MEASURED_CLI = """
+import json, resource, sys
+from etl.cli import main
+code = main(sys.argv[1:])
+r = resource.getrusage(resource.RUSAGE_SELF)
+print("BENCH-RUSAGE " + json.dumps([r.ru_utime + r.ru_stime, r.ru_maxrss]), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def cli_sync(engine: sa.Engine, env: dict[str, str]) -> dict[str, float]:
+    """``kalshi-etl sync --no-queue`` as its own process: wall seconds, and the process's
+    own CPU seconds (start-up included) and peak RSS."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURED_CLI, "sync", "--no-queue"],
+        env={
+            **os.environ,
+            **env,
+            "DATABASE_URL": engine.url.render_as_string(hide_password=False),
+            "KALSHI_READ_TOKENS_PER_SECOND": "0",
+        },
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"sync failed: {done.stderr[-2000:]}")
+    line = next(x for x in done.stderr.splitlines() if x.startswith("BENCH-RUSAGE "))
+    cpu, rss_kib = json.loads(line.split(" ", 1)[1])
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss_kib / 1024}
+
+
+def measure_loads(engine: sa.Engine, *, quick: bool) -> list[dict[str, Any]]:
+    """First loads as users run them: a ``kalshi-etl sync`` process against a simulator in
+    another, at each size and resting fraction."""
+    results = []
+    for n in LOAD_SIZES[:1] if quick else LOAD_SIZES:
+        for resting in RESTING:
+            reset(engine)
+            home = Path(tempfile.mkdtemp(prefix="ketl-bench-load-"))
+            print(f"  load: {n} orders, {resting:.0%} resting …", file=sys.stderr, flush=True)
+            simulator, env = start_simulator(
+                home,
+                *("--orders", str(n), "--seed", "42", "--events-per-second", "0"),
+                *("--resting-fraction", str(resting)),
+            )
+            try:
+                fetch_seconds, fetched = fetch_only(env)
+                first = cli_sync(engine, env)
+                key = read_private_key_file(Path(env["KALSHI_PRIVATE_KEY_PATH"]))
+                calls = api_calls()
+                with KalshiClient(
+                    env["KALSHI_API_BASE"],
+                    auth=KalshiAuth(env["KALSHI_API_KEY_ID"], key),
+                    tokens_per_second=0,
+                ) as c:
+                    again_seconds, again = timed(
+                        "  no-change sync", lambda: sync_orders(engine, c, account="bench")
+                    )
+                again_calls = api_calls() - calls
+            finally:
+                simulator.terminate()
+                simulator.communicate(timeout=60)
+            with engine.connect() as conn:
+                stored = conn.execute(sa.text("SELECT count(*) FROM orders")).scalar_one()
+                open_orders = conn.execute(
+                    sa.text("SELECT count(*) FROM orders WHERE status = 'resting'")
+                ).scalar_one()
+            assert stored == n, (stored, n)
+            assert again.counts.inserted == again.counts.updated == 0, again.counts
+            results.append(
+                {
+                    "orders": n,
+                    "resting": open_orders,
+                    "fetch_only_seconds": fetch_seconds,
+                    "fetch_only_items": fetched,
+                    "first_sync_seconds": first["seconds"],
+                    "orders_per_second": n / first["seconds"],
+                    "vs_fetch_only": fetch_seconds / first["seconds"],
+                    "cpu_us_per_order": first["cpu_seconds"] / n * 1e6,
+                    "peak_rss_mb": first["peak_rss_mb"],
+                    "no_change_seconds": again_seconds,
+                    "no_change_api_calls": again_calls,
+                    "no_change_fetched": again.counts.fetched,
+                }
+            )
+    return results
+
+
+def print_loads(loads: list[dict[str, Any]]) -> None:
+    print()
+    print("first load as users run it: `kalshi-etl sync` in its own process")
+    print(
+        f"{'orders':>10}{'resting':>9}{'fetch-only s':>14}{'sync s':>9}{'orders/s':>10}"
+        f"{'× fetch-only':>14}{'CPU µs/order':>14}{'peak RSS':>10}{'no-change':>18}"
+    )
+    for r in loads:
+        print(
+            f"{r['orders']:>10,}{r['resting'] / r['orders']:>9.0%}{r['fetch_only_seconds']:>14.2f}"
+            f"{r['first_sync_seconds']:>9.2f}{r['orders_per_second']:>10,.0f}"
+            f"{r['vs_fetch_only']:>14.2f}{r['cpu_us_per_order']:>14.1f}"
+            f"{r['peak_rss_mb']:>7.0f} MB"
+            f"{r['no_change_seconds']:>8.2f}s {r['no_change_api_calls']:>4.0f} calls"
+        )
+    print("(× fetch-only: fetch-only seconds ÷ sync seconds; 1.00 = as fast as reading alone)")
+
+
+LIMITED_ORDERS = 100_000
+BUDGET = 200.0  # tokens a second: the Basic tier
+
+
+def measure_limited(engine: sa.Engine) -> dict[str, Any]:
+    """A first load with the simulator and the client both at the Basic tier's budget."""
+    reset(engine)
+    home = Path(tempfile.mkdtemp(prefix="ketl-bench-limit-"))
+    print(
+        f"  rate-limited load: {LIMITED_ORDERS} orders at {BUDGET:.0f} tokens/s …", file=sys.stderr
+    )
+    # start_simulator passes --rate-limit 0 first; the later flag wins.
+    simulator, env = start_simulator(
+        home,
+        *("--orders", str(LIMITED_ORDERS), "--seed", "9", "--events-per-second", "0"),
+        *("--rate-limit", str(BUDGET)),
+    )
+    key = read_private_key_file(Path(env["KALSHI_PRIVATE_KEY_PATH"]))
+    lists_before, throttled_before = api_calls(list_only=True), api_calls(status="429")
+    try:
+        with KalshiClient(
+            env["KALSHI_API_BASE"],
+            auth=KalshiAuth(env["KALSHI_API_KEY_ID"], key),
+            tokens_per_second=BUDGET,
+        ) as c:
+            seconds, _ = timed(
+                "  rate-limited first sync", lambda: sync_orders(engine, c, account="lim")
+            )
+    finally:
+        simulator.terminate()
+        simulator.communicate(timeout=60)
+    lists = api_calls(list_only=True) - lists_before
+    throttled = api_calls(status="429") - throttled_before
+    ceiling = BUDGET / LIST_COST
+    return {
+        "orders": LIMITED_ORDERS,
+        "seconds": seconds,
+        "list_calls": lists,
+        "list_calls_per_second": lists / seconds,
+        "of_budget": lists / seconds / ceiling,
+        "responses_429": throttled,
+    }
+
+
+def print_limited(r: dict[str, Any]) -> None:
+    print()
+    print(
+        f"rate-limited first load ({r['orders']:,} orders; simulator and client at "
+        f"{BUDGET:.0f} tokens/s, a list call 10): {r['list_calls']:.0f} list calls in "
+        f"{r['seconds']:.1f}s = {r['list_calls_per_second']:.1f}/s, "
+        f"{r['of_budget']:.2f} of the budget's {BUDGET / LIST_COST:.0f}/s; "
+        f"429s received: {r['responses_429']:.0f}"
+    )
 
 
 STREAM_RATES = (50, 500)  # trading events a second

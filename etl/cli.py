@@ -697,6 +697,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         api=args.api,
         min_ts_on=args.min_ts_on,
         events_per_second=args.events_per_second,
+        resting=args.resting_fraction,
     )
     app = SimulatorApp(
         exchange,
@@ -1034,6 +1035,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--events-per-second", type=_number(float, 0), default=2.0, help="trading intensity"
+    )
+    p.add_argument(
+        "--resting-fraction",
+        type=_number(float, 0, 1),
+        default=None,
+        help="fraction of the orders at start still resting (default about 0.087)",
     )
     p.add_argument(
         "--rate-limit",

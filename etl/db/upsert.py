@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -114,7 +115,16 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def _row(account: str, order: Order) -> tuple[Any, ...]:
     """The COPY row of an order: the account, then its columns in ORDER_COLUMNS order,
     ``raw`` as JSON text."""
-    return (account, *_COLUMNS_BUT_RAW(order), _JSON.encode(order.raw))
+    return (account, *_COLUMNS_BUT_RAW(order), json_text(order.raw))
+
+
+def json_text(value: Any) -> str:
+    """``value`` as JSON text: orjson's (fast), or the standard library's for what orjson
+    does not write (integers past 64 bits, keys that are not strings)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return _JSON.encode(value)
 
 
 def upsert_orders(

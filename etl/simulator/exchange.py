@@ -218,6 +218,7 @@ class Exchange:
         live_window: 2026 only: final orders older than this are served only by the
             historical tier.
         events_per_second: trading intensity for :meth:`advance_to`.
+        resting: the fraction of the initial orders still resting (default: about 8.7%).
         malformed: the fraction of the initial, final orders that the API always serves
             malformed (an unknown status): they must end in ``rejected_records``, never in
             ``orders``. They never change, so every rerun meets them again.
@@ -237,6 +238,9 @@ class Exchange:
     # subaccount or only 0; False plays the second answer.
     historical_all_subaccounts: bool = True
     malformed: float = 0.0
+    # The fraction of the initial orders left resting; None: 8%, and 40% of the last day's
+    # (about 8.7% in all over 60 days).
+    resting: float | None = None
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -305,7 +309,11 @@ class Exchange:
             order = self._make(created)
             age = (self.now - created).total_seconds()
             roll = self.rng.random()
-            if roll < 0.08 or (age < 86400 and roll < 0.4):
+            if (
+                roll < self.resting
+                if self.resting is not None
+                else (roll < 0.08 or (age < 86400 and roll < 0.4))
+            ):
                 # A long-resting order, maybe partly filled: the case naive pullers miss.
                 order.filled = self.rng.randint(0, order.initial - 1)
                 if order.filled:

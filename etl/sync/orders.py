@@ -17,11 +17,12 @@ One cycle (:func:`sync_orders`):
    later runs: live orders with ``min_ts = watermark − lookback``, then the historical tier
    too when that reaches past its cutoff, read *after* the live pull so that orders which
    moved meanwhile are found;
-2. every resting order (``status=resting``), whichever timestamp ``min_ts`` compares;
-3. settle: each order the table holds as open but step 2 did not list is fetched by id
-   (404 → looked up in the historical tier by its ticker and subaccount). An order that cannot
-   be fetched is logged and recorded in ``rejected_records`` (once per distinct failure); the
-   others still settle.
+2. every resting order (``status=resting``), whichever timestamp ``min_ts`` compares (not
+   on the first run: its full listing holds them all);
+3. settle (not on the first run either): each order the table holds as open but step 2 did
+   not list is fetched by id (404 → looked up in the historical tier by its ticker and
+   subaccount). An order that cannot be fetched is logged and recorded in
+   ``rejected_records`` (once per distinct failure); the others still settle.
 
 The new watermark is the server's ``user_data_timestamp`` taken *before* step 1 (the local
 clock where the server has none, or where it is earlier): never past what the server has seen,
@@ -151,12 +152,17 @@ def prefetched(pages: Iterable[Page], *, depth: int = 1) -> Generator[Page, None
 
 
 def write_page(
-    run: Run, items: Sequence[Any], *, checkpoint: Checkpoint | None = None
+    run: Run,
+    items: Sequence[Any],
+    *,
+    checkpoint: Checkpoint | None = None,
+    screened: bool = False,
 ) -> tuple[Counts, list[Order]]:
     """Parse and write one page in one transaction, with the run's counts and, when given,
     the checkpoint. A page PostgreSQL refuses on its data is written again record by record.
+    ``screened``: the page's body was cleared of anything jsonb cannot hold (``Page``).
     Returns the counts and the orders written."""
-    parsed = [parse_order(item) for item in items]
+    parsed = [parse_order(item, screened=screened) for item in items]
     good = [p for p in parsed if isinstance(p, Order)]
     bad = [p for p in parsed if isinstance(p, Rejected)]
     for rejected in bad:
@@ -245,7 +251,7 @@ def pull(
     iterator = prefetched(pages)
     try:
         for page in iterator:
-            counts, orders = write_page(run, page.items)
+            counts, orders = write_page(run, page.items, screened=page.screened)
             result.counts += counts
             for order in orders:
                 if order.is_open:
@@ -498,6 +504,11 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
             label="historical orders",
         ).counts
     write_page(run, [], checkpoint=checkpoint)
+    if first:
+        # The full listing just read holds every open order: a second pass over the resting
+        # ones would read them again for nothing. What changed while the listing ran is the
+        # next cycle's (the watermark was taken before it).
+        return counts, as_of
 
     resting = pull(
         run, client.iter_order_pages(status="resting"), checkpoint=None, label="resting orders"

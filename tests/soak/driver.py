@@ -256,6 +256,7 @@ def _soak(
         restarted_db = False
         next_kill = started + rng.uniform(*config.kill_every)
         next_drop = started + rng.uniform(*config.stream_drop_every)
+        drops = 0
         while time.monotonic() - started < config.seconds:
             supervisor.tend()
             now = time.monotonic()
@@ -264,7 +265,8 @@ def _soak(
                 say(f"  {now - started:5.1f}s kill -9 {victim}")
                 next_kill = now + rng.uniform(*config.kill_every)
             if config.realtime and now >= next_drop:
-                stream.drop()
+                stream.drop()  # whatever is connected then (maybe nothing: a replica killed)
+                drops += 1
                 next_drop = now + rng.uniform(*config.stream_drop_every)
             if not restarted_db and now - started >= config.seconds * 0.4:
                 say(f"  {now - started:5.1f}s PostgreSQL stopped")
@@ -315,7 +317,8 @@ def _soak(
             "distinct malformed records": sum(
                 len(a.exchange.malformed_records()) for a in live.accounts
             ),
-            "WebSocket drops": stream.counts["dropped"],
+            "WebSocket drops": drops,
+            "connections cut": stream.counts["dropped"],
             "stream messages": stream.counts["messages"],
             "duplicated": stream.counts["duplicated"],
             "reordered": stream.counts["reordered"],
