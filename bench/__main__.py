@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -522,8 +523,10 @@ def measure_loads(engine: sa.Engine, *, quick: bool) -> list[dict[str, Any]]:
                     auth=KalshiAuth(env["KALSHI_API_KEY_ID"], key),
                     tokens_per_second=0,
                 ) as c:
+                    # The account the CLI synced: its key id (no accounts file).
+                    account = env["KALSHI_API_KEY_ID"]
                     again_seconds, again = timed(
-                        "  no-change sync", lambda: sync_orders(engine, c, account="bench")
+                        "  no-change sync", partial(sync_orders, engine, c, account=account)
                     )
                 again_calls = api_calls() - calls
             finally:
