@@ -436,8 +436,8 @@ def measure_queue(engine: sa.Engine) -> dict[str, Any]:
 
 
 QUICK = "--quick" in sys.argv[1:]
-LOAD_SIZES = (100_000, 1_000_000)
-RESTING = (0.08, 0.35)
+LOAD_SIZES = tuple(int(x) for x in os.environ.get("BENCH_LOAD_SIZES", "100000,1000000").split(","))
+RESTING = tuple(float(x) for x in os.environ.get("BENCH_RESTING", "0.08,0.35").split(","))
 
 
 def reset(engine: sa.Engine) -> None:

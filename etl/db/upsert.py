@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R", Order, QueuePosition)
 
-ORDER_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Order))
+ORDER_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Order) if f.name != "text")
 _STAGE = "kalshi_etl_orders_stage"
 _STAGED = ("account", *ORDER_COLUMNS)  # the columns COPY fills: whose order, then the record
 _UPDATABLE = [c for c in _STAGED if c != "order_id"]
@@ -109,12 +109,25 @@ def newest_per_order(records: Iterable[Order]) -> list[Order]:
 
 
 _COLUMNS_BUT_RAW = operator.attrgetter(*ORDER_COLUMNS[:-1])
+# Order.text stands for the twelve columns from yes_price_dollars to last_update_time.
+_TEXT_FROM = ORDER_COLUMNS.index("yes_price_dollars")
+_TEXT_TO = ORDER_COLUMNS.index("last_update_time") + 1
+_BEFORE_TEXT = operator.attrgetter(*ORDER_COLUMNS[:_TEXT_FROM])
+_AFTER_TEXT = operator.attrgetter(*ORDER_COLUMNS[_TEXT_TO:-1])
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _row(account: str, order: Order) -> tuple[Any, ...]:
     """The COPY row of an order: the account, then its columns in ORDER_COLUMNS order,
     ``raw`` as JSON text."""
+    if order.text is not None:
+        return (
+            account,
+            *_BEFORE_TEXT(order),
+            *order.text,
+            *_AFTER_TEXT(order),
+            json_text(order.raw),
+        )
     return (account, *_COLUMNS_BUT_RAW(order), json_text(order.raw))
 
 

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
@@ -127,6 +127,10 @@ class Order:
     subaccount_number: int | None
     exchange_index: int | None
     raw: Mapping[str, Any]
+    # The nine decimals and three times as text PostgreSQL reads to the same values, when the
+    # parser had them at hand (the payload's own decimal strings): what COPY sends instead of
+    # dumping each Decimal and datetime again. Not a column.
+    text: tuple[str | None, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_open(self) -> bool:
@@ -498,21 +502,29 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
         if value is not None and (type(value) is not int or not 0 <= value <= top):
             return None
 
+    texts: list[str | None] = []
+
     def dollars(name: str, cents: int | None, top: Decimal | None) -> Any:
         value = get(name)
         if value is None:
-            return None if cents is None else _dollars_from_cents(cents)
+            derived = None if cents is None else _dollars_from_cents(cents)
+            texts.append(None if derived is None else str(derived))
+            return derived
         if type(value) is not str or not _PLAIN_DOLLARS(value):
             return _UNUSUAL
         number = Decimal(value)
+        texts.append(value)
         return _UNUSUAL if top is not None and number > top else number
 
     def count_fp(name: str, count: int | None) -> Any:
         value = get(name)
         if value is None:
-            return None if count is None else _fp_from_count(count)
+            derived = None if count is None else _fp_from_count(count)
+            texts.append(None if derived is None else str(derived))
+            return derived
         if type(value) is not str or not _PLAIN_COUNT(value):
             return _UNUSUAL
+        texts.append(value)
         return Decimal(value)
 
     decimals = (
@@ -534,6 +546,7 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
         value = get(name)
         if value is None or value == "":
             times.append(None)
+            texts.append(None)
             continue
         if type(value) is not str:
             return None
@@ -541,7 +554,10 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
             parsed = datetime.fromisoformat(value.strip())
         except ValueError:
             return None
-        times.append(parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        times.append(parsed)
+        texts.append(parsed.isoformat())
     pause, subaccount, index = (
         get("cancel_order_on_pause"),
         get("subaccount_number"),
@@ -592,6 +608,7 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
         subaccount,
         index,
         d,
+        tuple(texts),
     )
 
 

@@ -162,16 +162,63 @@ def write_page(
     the checkpoint. A page PostgreSQL refuses on its data is written again record by record.
     ``screened``: the page's body was cleared of anything jsonb cannot hold (``Page``).
     Returns the counts and the orders written."""
+    good, bad = parse_page(items, screened=screened)
+    return write_parsed(run, good, bad, checkpoint=checkpoint), good
+
+
+def parse_page(
+    items: Sequence[Any], *, screened: bool = False
+) -> tuple[list[Order], list[Rejected]]:
+    """The orders of a page that parse, and the records that do not (logged)."""
     parsed = [parse_order(item, screened=screened) for item in items]
     good = [p for p in parsed if isinstance(p, Order)]
     bad = [p for p in parsed if isinstance(p, Rejected)]
     for rejected in bad:
         log.warning("rejected an order record: %s", rejected.reason)
-    counts = refusal_safe(
+    return good, bad
+
+
+def write_parsed(
+    run: Run,
+    good: Sequence[Order],
+    bad: Sequence[Rejected],
+    *,
+    checkpoint: Checkpoint | None = None,
+) -> Counts:
+    """Write a parsed page in one transaction (see :func:`write_page`)."""
+    return refusal_safe(
         lambda one_by_one: _write(run, good, bad, checkpoint, one_by_one=one_by_one),
         what="a page",
     )
-    return counts, good
+
+
+class _PageWriter:
+    """Writes parsed pages on a thread of its own, one at a time and in order, so that a
+    page's database round trips overlap the parsing (and fetching) of the next. At most one
+    write is in flight: :meth:`submit` first waits for the previous one, and raises its error.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.counts = Counts()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-writer")
+        self._pending: Future[Counts] | None = None
+
+    def submit(self, good: list[Order], bad: list[Rejected]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write_parsed, self.run, good, bad)
+
+    def wait(self) -> None:
+        """Wait for the write in flight (committed, or its error raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.counts += pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _write(
@@ -239,9 +286,11 @@ def pull(
     checkpoint: Checkpoint | None,
     label: str,
     on_page: PageCallback | None = None,
+    keep_open: bool = False,
 ) -> PullResult:
     """Write every page of one listing, each in its own transaction; once the listing has
-    been read to its end, write ``checkpoint``.
+    been read to its end, write ``checkpoint``. ``keep_open``: also collect the ids of the
+    open orders listed (what settling needs; a full listing's would only cost memory).
 
     Raises:
         StopRequested: a stop was asked for; the page in flight was committed first.
@@ -249,24 +298,29 @@ def pull(
     result = PullResult()
     progress = Progress(label)
     iterator = prefetched(pages)
+    writer = _PageWriter(run)
     try:
-        for page in iterator:
-            counts, orders = write_page(run, page.items, screened=page.screened)
-            result.counts += counts
-            for order in orders:
-                if order.is_open:
-                    result.open_ids.add(order.order_id)
-                if order.subaccount_number is not None:
-                    result.subaccounts.add(order.subaccount_number)
-            progress.add(len(page.items))
-            if on_page is not None:
-                on_page(len(page.items))
-            run.check_stop(f"stopped during {label}; the pages read so far are committed")
+        try:
+            for page in iterator:
+                good, bad = parse_page(page.items, screened=page.screened)
+                writer.submit(good, bad)
+                for order in good:
+                    if keep_open and order.is_open:
+                        result.open_ids.add(order.order_id)
+                    if order.subaccount_number is not None:
+                        result.subaccounts.add(order.subaccount_number)
+                progress.add(len(page.items))
+                if on_page is not None:
+                    on_page(len(page.items))
+                run.check_stop(f"stopped during {label}; the pages read so far are committed")
+        finally:
+            writer.close()  # the page in flight is committed (or its error raised) first
     except ApiProtocolError as exc:
         keep_unparseable_body(run, exc)
         raise
     finally:
         iterator.close()  # stops the prefetch thread at once, whatever ended the pull
+    result.counts += writer.counts
     if checkpoint is not None:
         write_page(run, [], checkpoint=checkpoint)
     return result
@@ -511,7 +565,11 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
         return counts, as_of
 
     resting = pull(
-        run, client.iter_order_pages(status="resting"), checkpoint=None, label="resting orders"
+        run,
+        client.iter_order_pages(status="resting"),
+        checkpoint=None,
+        label="resting orders",
+        keep_open=True,
     )
     counts += resting.counts
     counts += settle(run, client, listed_open=resting.open_ids)

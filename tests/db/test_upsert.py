@@ -4,13 +4,15 @@ a stale one never does, an identical replay writes nothing at all."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from etl.db.upsert import Counts, insert_rejected, upsert_orders
+from etl.db.upsert import ORDER_COLUMNS, Counts, insert_rejected, upsert_orders
 from etl.kalshi.parse import Order, Rejected, parse_order, parse_user_order
+from etl.simulator import Exchange
 from tests.sync.helpers import ACCOUNT
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -244,3 +246,31 @@ def test_writers_touching_the_same_orders_in_opposite_orders_never_deadlock(db):
     for thread in threads:
         thread.join()
     assert not failures, failures[0]
+
+
+def test_the_payloads_own_text_and_the_typed_values_store_the_same_rows(db):
+    """The parser hands COPY the payload's decimal strings (Order.text); the columns must
+    hold exactly what the Decimal and datetime values would."""
+    exchange = Exchange(seed=4, orders=150, api="2025", now=T0, events_per_second=0)
+    payloads = [o.render("2025") for o in exchange] + [o.render("2026") for o in exchange]
+    payloads += [{**payloads[0], "order_id": "naive", "created_time": "2026-01-01T10:00:00"}]
+    for n, payload in enumerate(payloads):
+        payload["order_id"] = f"{n}-{payload['order_id']}"
+    orders = [o for o in map(parse_order, payloads) if isinstance(o, Order)]
+    assert len(orders) == len(payloads) and all(o.text is not None for o in orders)
+
+    def stored_rows() -> list[tuple[Any, ...]]:
+        with db.connect() as conn:
+            columns = ", ".join(c for c in ORDER_COLUMNS if c != "raw")
+            return list(conn.execute(sa.text(f"SELECT {columns} FROM orders ORDER BY order_id")))
+
+    with db.begin() as conn:
+        conn.execute(
+            sa.text("SET TIME ZONE 'America/New_York'")
+        )  # naive times are UTC all the same
+        upsert_orders(conn, orders, account=ACCOUNT, synced_at=T0)
+    from_text = stored_rows()
+    with db.begin() as conn:
+        conn.execute(sa.text("TRUNCATE orders"))
+        upsert_orders(conn, [replace(o, text=None) for o in orders], account=ACCOUNT, synced_at=T0)
+    assert stored_rows() == from_text
