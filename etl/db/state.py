@@ -162,6 +162,20 @@ def open_orders(conn: Connection, account: str) -> list[OpenOrder]:
     ]
 
 
+def open_subaccounts(conn: Connection, account: str) -> set[int]:
+    """The subaccounts of ``account``'s stored open orders (one query; no order is loaded)."""
+    rows = conn.execute(
+        sa.select(orders.c.subaccount_number)
+        .where(
+            orders.c.account == account,
+            orders.c.status.in_(("resting", "pending")),
+            orders.c.subaccount_number.is_not(None),
+        )
+        .distinct()
+    )
+    return {int(row[0]) for row in rows}
+
+
 BACKFILL_STREAM = "orders:backfill"
 
 

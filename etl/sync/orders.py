@@ -51,6 +51,7 @@ from etl.db.state import (
     backfill_coverage,
     mark_window_done,
     open_orders,
+    open_subaccounts,
     read_state,
     write_state,
 )
@@ -508,11 +509,7 @@ def sync_orders(
 
 def _stored_subaccounts(run: Run) -> set[int]:
     with connection(run.engine) as conn:
-        return {
-            o.subaccount_number
-            for o in open_orders(conn, run.account)
-            if o.subaccount_number is not None
-        }
+        return open_subaccounts(conn, run.account)
 
 
 def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Counts, datetime]:
