@@ -465,13 +465,21 @@ def fetch_only(env: dict[str, str]) -> tuple[float, int]:
     return time.perf_counter() - started, items
 
 
-# Runs the CLI, then reports its own CPU time and peak RSS on stderr.
+# Runs the CLI, then reports its own CPU time and peak RSS on stderr. The peak is the
+# process's own (VmHWM, per address space): ru_maxrss would also count the bench process it
+# was forked from, as Linux carries it across exec.
 _MEASURED_CLI = """
 import json, resource, sys
 from etl.cli import main
 code = main(sys.argv[1:])
 r = resource.getrusage(resource.RUSAGE_SELF)
-print("BENCH-RUSAGE " + json.dumps([r.ru_utime + r.ru_stime, r.ru_maxrss]), file=sys.stderr)
+peak = r.ru_maxrss
+try:
+    with open("/proc/self/status") as status:
+        peak = next(int(x.split()[1]) for x in status if x.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    pass
+print("BENCH-RUSAGE " + json.dumps([r.ru_utime + r.ru_stime, peak]), file=sys.stderr)
 sys.exit(code)
 """
 
