@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -504,28 +504,31 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
 
     texts: list[str | None] = []
 
-    def dollars(name: str, cents: int | None, top: Decimal | None) -> Any:
+    def decimal(
+        name: str,
+        fallback: int | None,
+        top: Decimal | None = None,
+        *,
+        plain: Callable[[str], Any] = _PLAIN_DOLLARS,
+        derive: Callable[[int | None], Decimal | None] = _dollars_from_cents,
+    ) -> Any:
+        """The given decimal (its text kept for COPY), or the one derived from ``fallback``."""
         value = get(name)
         if value is None:
-            derived = None if cents is None else _dollars_from_cents(cents)
+            derived = derive(fallback)
             texts.append(None if derived is None else str(derived))
             return derived
-        if type(value) is not str or not _PLAIN_DOLLARS(value):
+        if type(value) is not str or not plain(value):
             return _UNUSUAL
         number = Decimal(value)
         texts.append(value)
         return _UNUSUAL if top is not None and number > top else number
 
+    def dollars(name: str, cents: int | None, top: Decimal | None) -> Any:
+        return decimal(name, cents, top)
+
     def count_fp(name: str, count: int | None) -> Any:
-        value = get(name)
-        if value is None:
-            derived = None if count is None else _fp_from_count(count)
-            texts.append(None if derived is None else str(derived))
-            return derived
-        if type(value) is not str or not _PLAIN_COUNT(value):
-            return _UNUSUAL
-        texts.append(value)
-        return Decimal(value)
+        return decimal(name, count, plain=_PLAIN_COUNT, derive=_fp_from_count)
 
     decimals = (
         dollars("yes_price_dollars", yes_price, _ONE),
