@@ -97,6 +97,10 @@ class RealtimeOrders:
         self._catch_up = threading.Event()
         self._connected = threading.Event()
         self._last_exchange_time: datetime | None = None  # newest change committed
+        # The last change committed before the earliest drop not yet caught up: where the
+        # next catch-up's lookback must reach (messages of the new connection may be newer).
+        self._gap_start: datetime | None = None
+        self._gap_lock = threading.Lock()
         self._last_rest = time.monotonic()  # the daemon just started: its first cycle is due
         self._rest_lock = threading.Lock()
         self.catch_ups = 0  # REST catch-ups that succeeded, for tests and logs
@@ -113,7 +117,7 @@ class RealtimeOrders:
         with connection(self.engine) as conn:
             stored = read_state(conn, self.account, STATE)
         if stored is not None and stored.watermark is not None:
-            self._last_exchange_time = stored.watermark
+            self._last_exchange_time = self._gap_start = stored.watermark
         for thread in self._threads:
             thread.start()
 
@@ -151,7 +155,16 @@ class RealtimeOrders:
 
     def disconnected(self, reason: str) -> None:
         self._connected.clear()
+        self._keep_gap(self._last_exchange_time)
         metrics.stream_dropped(self.account, reason)
+
+    def _keep_gap(self, start: datetime | None) -> None:
+        """Remember that changes after ``start`` may have been missed (the earliest wins)."""
+        if start is None:
+            return
+        with self._gap_lock:
+            if self._gap_start is None or start < self._gap_start:
+                self._gap_start = start
 
     # -- writer ---------------------------------------------------------------------------
 
@@ -308,23 +321,28 @@ class RealtimeOrders:
         """One incremental REST sync whose lookback reaches the last change committed from
         the stream (less a margin), so that whatever changed while no connection was up is
         read."""
+        with self._gap_lock:
+            gap_start, self._gap_start = self._gap_start, None
         lookback = self.lookback
-        last = self._last_exchange_time
-        if last is not None:
-            lookback = max(lookback, datetime.now(UTC) - last + MARGIN)
+        if gap_start is not None:
+            lookback = max(lookback, datetime.now(UTC) - gap_start + MARGIN)
         log.info(
             "user_orders stream of %s subscribed: catching up with REST (lookback %s)",
             self.account,
             timedelta(seconds=round(lookback.total_seconds())),
         )
-        result = sync_orders(
-            self.engine,
-            self.client,
-            account=self.account,
-            lookback=lookback,
-            lock_wait=60.0,
-            stop=self.stop,
-        )
+        try:
+            result = sync_orders(
+                self.engine,
+                self.client,
+                account=self.account,
+                lookback=lookback,
+                lock_wait=60.0,
+                stop=self.stop,
+            )
+        except BaseException:
+            self._keep_gap(gap_start)  # not caught up: the next attempt reaches as far back
+            raise
         self.rest_synced()
         self.catch_ups += 1
         c = result.counts

@@ -315,3 +315,24 @@ def test_messages_that_arrive_while_the_database_is_away_are_written_once_it_is_
         rt.join(timeout=10)
         proxy.stop()
         engine.dispose()
+
+
+def test_a_catch_up_reads_back_to_the_last_change_committed_before_the_drop(db, live):
+    rt = RealtimeOrders(
+        db, live.client, account=ACCOUNT, stream_url=live.url, stop=threading.Event(), policy=FAST
+    )
+    rt.catch_up()  # the first sync: no watermark yet, so no min_ts
+    before_drop = datetime.now(UTC) - timedelta(minutes=20)
+    rt._last_exchange_time = before_drop
+    rt.disconnected("the connection dropped without a close frame")
+    rt._last_exchange_time = datetime.now(UTC)  # the new connection's first messages
+    live.app.requests.clear()
+
+    rt.catch_up()
+
+    min_ts = [
+        int(query.split("min_ts=")[1].split("&")[0])
+        for path, query in live.app.requests
+        if path.endswith("/portfolio/orders") and "min_ts=" in query
+    ]
+    assert min_ts and min_ts[0] <= before_drop.timestamp() - 5  # the margin too
