@@ -266,7 +266,7 @@ def test_the_payloads_own_text_and_the_typed_values_store_the_same_rows(db):
 
     with db.begin() as conn:
         conn.execute(
-            sa.text("SET TIME ZONE 'America/New_York'")
+            sa.text("SET LOCAL TIME ZONE 'America/New_York'")
         )  # naive times are UTC all the same
         upsert_orders(conn, orders, account=ACCOUNT, synced_at=T0)
     from_text = stored_rows()
