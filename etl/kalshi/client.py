@@ -572,7 +572,7 @@ class KalshiClient:
             yield Page(
                 items=items,
                 cursor=cursor,
-                screened=by_orjson and screened_body(answer.content, len(items)),
+                screened=by_orjson and screened_body(answer.content, items),
             )
             if cursor is None:
                 return

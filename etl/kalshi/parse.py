@@ -70,12 +70,17 @@ def plain_body(body: bytes) -> bool:
     return _TWENTY_DIGITS not in body.translate(_DIGITS)
 
 
-def screened_body(body: bytes, records: int) -> bool:
-    """Whether every record of a list page (``{"key": [{...}, ...], ...}`` with ``records``
-    objects) that orjson decoded is sure to pass :func:`storage_problem`: no ``\\u`` escape
-    (so no NUL and no lone surrogate), no object or list but the page's own (so nothing nested
-    inside a record); and orjson never yields an infinite or NaN number."""
-    return body.count(b"{") == records + 1 and body.count(b"[") == 1 and b"\\u" not in body
+def screened_body(body: bytes, items: list[Any]) -> bool:
+    """Whether every record of a list page (``{"key": [{...}, ...], ...}`` whose list orjson
+    decoded into ``items``) is sure to pass :func:`storage_problem`: every item an object, no
+    ``\\u`` escape (so no NUL and no lone surrogate), no object or list but the page's own (so
+    nothing nested inside a record); and orjson never yields an infinite or NaN number."""
+    return (
+        body.count(b"{") == len(items) + 1
+        and body.count(b"[") == 1
+        and b"\\u" not in body
+        and all(type(item) is dict for item in items)
+    )
 
 
 class RecordError(ValueError):

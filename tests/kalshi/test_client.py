@@ -21,6 +21,7 @@ from etl.kalshi.client import (
     KalshiClient,
     RetryPolicy,
     TokenBucket,
+    decode_body,
     error_details,
     parse_retry_after,
 )
@@ -457,3 +458,20 @@ def test_the_simulator_refuses_queue_positions_without_markets_or_event(client):
 def test_the_client_will_not_send_a_queue_call_without_markets_or_event(client):
     with pytest.raises(ValueError, match="market_tickers or event_ticker"):
         client.queue_positions()
+
+
+@pytest.mark.parametrize(
+    ("text", "by_orjson"),
+    [
+        (b'{"orders": [{"n": 9007199254740993, "p": "0.5600", "f": 1.5}], "cursor": ""}', True),
+        (b'{"orders": [{"n": 123456789012345678901234567890}]}', False),  # exact, not a float
+        (b'{"orders": [{"n": NaN}]}', False),  # orjson refuses; the stdlib reads it
+        (b'{"orders": [{"s": "\\ud800"}]}', False),
+    ],
+)
+def test_a_body_decodes_exactly_as_the_standard_library_reads_it(text, by_orjson):
+    value, fast = decode_body(text)
+    assert fast is by_orjson
+    expected = json.loads(text)
+    assert json.dumps(value) == json.dumps(expected)  # NaN != NaN: compare the renderings
+    assert type(value["orders"][0].get("n")) is type(expected["orders"][0].get("n"))

@@ -21,6 +21,8 @@ from etl.kalshi.parse import (
     parse_order,
     parse_queue_position,
     parse_user_order,
+    plain_body,
+    screened_body,
     storable_text,
     storage_problem,
 )
@@ -83,6 +85,12 @@ ORDER_2026: dict[str, Any] = {
     "subaccount_number": 3,
     "exchange_index": 0,
     "a_field_from_the_future": {"nested": [1, 2]},
+}
+
+
+# ORDER_2026 without its nested unknown field: what the live API sends today.
+ORDER_2026_PLAIN: dict[str, Any] = {
+    k: v for k, v in ORDER_2026.items() if k != "a_field_from_the_future"
 }
 
 
@@ -409,3 +417,42 @@ def test_the_fast_path_accepts_only_what_the_full_parser_accepts_and_gives_the_s
             accepted += 1
             assert full is not None and fast == full, payload
     assert accepted > 50  # the common forms do take the fast path
+
+
+# -- the page screen that lets plain records skip the storage scan -----------------------------
+
+
+def page(*orders: Any) -> tuple[bytes, list[Any]]:
+    body = json.dumps({"orders": list(orders), "cursor": ""}).encode()
+    return body, json.loads(body)["orders"]
+
+
+@pytest.mark.parametrize(
+    ("orders", "screened"),
+    [
+        pytest.param([ORDER_2026_PLAIN, ORDER_2026_PLAIN], True, id="plain records"),
+        pytest.param([{**ORDER_2026_PLAIN, "user_id": "a\x00b"}], False, id="a NUL escape"),
+        pytest.param([{**ORDER_2026_PLAIN, "user_id": "\ud800"}], False, id="a lone surrogate"),
+        pytest.param([{**ORDER_2026_PLAIN, "user_id": "\u00e9"}], False, id="any \\u escape"),
+        pytest.param([{**ORDER_2026_PLAIN, "extra": {"a": 1}}], False, id="a nested object"),
+        pytest.param([{**ORDER_2026_PLAIN, "extra": [1]}], False, id="a nested list"),
+        pytest.param(
+            [5, {**ORDER_2026_PLAIN, "extra": {"a": 1}}], False, id="a non-object hiding a brace"
+        ),
+    ],
+)
+def test_a_page_is_screened_only_when_no_record_can_hold_what_jsonb_refuses(orders, screened):
+    body, items = page(*orders)
+    assert screened_body(body, items) is screened
+
+
+@pytest.mark.parametrize(
+    ("text", "plain"),
+    [
+        (b'{"a": 123456789012345678, "b": "0.5"}', True),
+        (b'{"a": 12345678901234567890123}', False),
+        (b'{"id": "12345678901234567890123"}', False),  # in a string: the safe side
+    ],
+)
+def test_a_body_is_plain_unless_it_may_hold_an_integer_past_64_bits(text, plain):
+    assert plain_body(text) is plain
