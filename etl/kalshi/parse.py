@@ -11,6 +11,12 @@ Every value is checked against the range of the column it lands in (``integer``,
 no lone surrogate, no infinite number, bounded nesting), so that PostgreSQL never refuses a record
 that parsed: such a record is rejected here, its payload kept as escaped JSON text
 (:func:`escaped_text`).
+
+Speed (a first load parses every order): a page :func:`screened_body` clears skips the
+per-record storage scan, and a record whose values all have the plain forms the API sends
+takes :func:`_plain_order`, one pass with no per-field calls; anything unusual goes through
+the full parser, which also words the rejection. :func:`parse_user_order` reads the
+WebSocket's ``user_order`` messages into the same records.
 """
 
 from __future__ import annotations
