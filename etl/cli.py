@@ -49,7 +49,7 @@ from etl.db.engine import (
     psql_executable,
 )
 from etl.db.models import orders, queue_position_snapshots, rejected_records, sync_runs, sync_state
-from etl.db.state import stream_health
+from etl.db.state import LIVE_STREAM, stream_health
 from etl.errors import ApiStatusError, ApiTransportError, ConfigError, EtlError, StopRequested
 from etl.kalshi.auth import KalshiAuth, load_private_key, read_private_key_file
 from etl.kalshi.client import KalshiClient
@@ -611,9 +611,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-STREAM_STATE = "orders:stream"  # etl.sync.realtime.STATE, without importing the stream here
-
-
 def status_lines(engine: Engine, account: str | None = None) -> list[str]:
     """The report of ``kalshi-etl status``: streams, their last runs, table sizes (of
     ``account`` only, when given)."""
@@ -663,7 +660,7 @@ def status_lines(engine: Engine, account: str | None = None) -> list[str]:
                 if run.error:
                     lines.append(f"  error       {run.error}")
         for state in states:
-            if state.stream == STREAM_STATE and state.watermark is not None:
+            if state.stream == LIVE_STREAM and state.watermark is not None:
                 lines.append(f"user_orders stream (account {state.account})")
                 lines.append(
                     f"  last change {state.watermark.isoformat()} (committed "

@@ -210,11 +210,12 @@ def stream_dropped(account: str, reason: str) -> None:
     STREAM_RECONNECTS.labels(account).inc()
 
 
-def stream_committed(account: str, outcomes: dict[str, int], lags: list[float]) -> None:
-    """Count a committed batch of messages: what they did, and each change's lag."""
-    for outcome, n in outcomes.items():
-        if n:
-            STREAM_MESSAGES.labels(account, outcome).inc(n)
+def stream_committed(account: str, rows: dict[str, int], lags: list[float]) -> None:
+    """Count a committed batch of messages: what they did (the counts of its write, as for a
+    run), and each change's lag."""
+    for outcome in OUTCOMES:
+        if rows.get(outcome):
+            STREAM_MESSAGES.labels(account, outcome).inc(rows[outcome])
     histogram = STREAM_LAG.labels(account)
     for lag in lags:
         histogram.observe(max(0.0, lag))

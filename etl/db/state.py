@@ -177,6 +177,8 @@ def open_subaccounts(conn: Connection, account: str) -> set[int]:
 
 
 BACKFILL_STREAM = "orders:backfill"
+# The row of the user_orders WebSocket: the newest exchange time committed from it.
+LIVE_STREAM = "orders:stream"
 
 
 def backfill_coverage(conn: Connection, account: str) -> list[tuple[int, int]]:

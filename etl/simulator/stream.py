@@ -115,14 +115,6 @@ class StreamHub:
         with self._lock:
             return sum(1 for s in self._sessions if s.sid is not None and not s.muted)
 
-    def wait_for_subscribers(self, count: int = 1, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.subscribers() >= count:
-                return True
-            time.sleep(0.01)
-        return False
-
     def close(self) -> None:
         """End every connection and the ticker (the server is shutting down)."""
         self._closed.set()

@@ -9,7 +9,7 @@ Three threads per account:
   Each message is parsed into the same :class:`~etl.kalshi.parse.Order` as REST and goes
   through the same guarded upsert (a stream version never replaces a newer one, REST's or the
   stream's; at equal times REST's version stays). Malformed messages go to
-  ``rejected_records``. ``sync_state`` row ``orders:stream`` records, in the same
+  ``rejected_records``. ``sync_state`` row ``orders:stream`` (``LIVE_STREAM``) records, in the same
   transaction, the newest exchange time committed;
 - the **catch-up** runs the incremental REST sync after every acknowledged subscription (first
   connect and each reconnect): the channel has no sequence numbers and no snapshot, so what
@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 
 from etl import metrics
 from etl.db.engine import connection, transaction
-from etl.db.state import read_state, write_state
+from etl.db.state import LIVE_STREAM, read_state, write_state
 from etl.db.upsert import Counts, insert_rejected, refusal_safe, upsert_orders, write_records
 from etl.errors import DatabaseError, EtlError, LockBusyError, StopRequested
 from etl.kalshi.auth import KalshiAuth
@@ -45,7 +45,6 @@ from etl.sync.orders import sync_orders
 
 log = logging.getLogger(__name__)
 
-STATE = "orders:stream"  # sync_state row: the newest exchange time committed from the stream
 MAX_BATCH = 500
 MARGIN = timedelta(seconds=5)  # extra lookback before the last message, for clock skew
 
@@ -115,7 +114,7 @@ class RealtimeOrders:
     def start(self) -> None:
         metrics.stream_starting(self.account)
         with connection(self.engine) as conn:
-            stored = read_state(conn, self.account, STATE)
+            stored = read_state(conn, self.account, LIVE_STREAM)
         if stored is not None and stored.watermark is not None:
             self._last_exchange_time = self._gap_start = stored.watermark
         for thread in self._threads:
@@ -231,9 +230,8 @@ class RealtimeOrders:
             else:
                 rejected.append(parsed)
         now = datetime.now(UTC)
-        newest = max(
-            (t for t in (_exchange_time(r) for r in records) if t is not None), default=None
-        )
+        stamps = [t for t in map(_exchange_time, records) if t is not None]
+        newest = max(stamps, default=None)
 
         def attempt(one_by_one: bool) -> Counts:
             with transaction(self.engine) as conn:
@@ -253,24 +251,13 @@ class RealtimeOrders:
                     received_at=now,
                 )
                 if newest is not None:
-                    write_state(conn, self.account, STATE, watermark=newest)
+                    write_state(conn, self.account, LIVE_STREAM, watermark=newest)
             return counts + Counts(rejected=written)
 
         counts = refusal_safe(attempt, what="a batch of user_orders messages")
         committed = time.time()
-        lags = [
-            committed - t.timestamp() for t in (_exchange_time(r) for r in records) if t is not None
-        ]
-        metrics.stream_committed(
-            self.account,
-            {
-                "inserted": counts.inserted,
-                "updated": counts.updated,
-                "unchanged": counts.unchanged,
-                "rejected": counts.rejected,
-            },
-            lags,
-        )
+        lags = [committed - t.timestamp() for t in stamps]
+        metrics.stream_committed(self.account, asdict(counts), lags)
         if newest is not None and (
             self._last_exchange_time is None or newest > self._last_exchange_time
         ):
