@@ -18,7 +18,7 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 import psycopg
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R", Order, QueuePosition)
 
-ORDER_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Order) if f.name != "text")
+ORDER_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Order) if f.name != "line")
 _STAGE = "kalshi_etl_orders_stage"
 _STAGED = ("account", *ORDER_COLUMNS)  # the columns COPY fills: whose order, then the record
 _UPDATABLE = [c for c in _STAGED if c != "order_id"]
@@ -109,26 +109,21 @@ def newest_per_order(records: Iterable[Order]) -> list[Order]:
 
 
 _COLUMNS_BUT_RAW = operator.attrgetter(*ORDER_COLUMNS[:-1])
-# Order.text stands for the twelve columns from yes_price_dollars to last_update_time.
-_TEXT_FROM = ORDER_COLUMNS.index("yes_price_dollars")
-_TEXT_TO = ORDER_COLUMNS.index("last_update_time") + 1
-_BEFORE_TEXT = operator.attrgetter(*ORDER_COLUMNS[:_TEXT_FROM])
-_AFTER_TEXT = operator.attrgetter(*ORDER_COLUMNS[_TEXT_TO:-1])
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _row(account: str, order: Order) -> tuple[Any, ...]:
-    """The COPY row of an order: the account, then its columns in ORDER_COLUMNS order,
-    ``raw`` as JSON text."""
-    if order.text is not None:
-        return (
-            account,
-            *_BEFORE_TEXT(order),
-            *order.text,
-            *_AFTER_TEXT(order),
-            json_text(order.raw),
-        )
+    """The COPY row of an order the parser gave no line: the account, then its columns in
+    ORDER_COLUMNS order, ``raw`` as JSON text."""
     return (account, *_COLUMNS_BUT_RAW(order), json_text(order.raw))
+
+
+def copy_cell(text: str) -> str:
+    """``text`` as a cell of COPY's text format."""
+    return text.translate(_COPY_ESCAPES)
+
+
+_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def json_text(value: Any) -> str:
@@ -169,8 +164,14 @@ def upsert_orders(
         )
         cur.execute(f"TRUNCATE {_STAGE}")
         with cur.copy(f"COPY {_STAGE} ({', '.join(_STAGED)}) FROM STDIN") as copy:
+            # The lines the parser made, as one write; the other orders row by row.
+            lines = [order.line for order in batch if order.line is not None]
+            if lines:
+                account_cell = copy_cell(account) + "\t"
+                copy.write(account_cell + ("\n" + account_cell).join(lines) + "\n")
             for order in batch:
-                copy.write_row(_row(account, order))
+                if order.line is None:
+                    copy.write_row(_row(account, order))
         cur.execute(_MERGE_SQL[from_stream], {"at": synced_at})
         row = cur.fetchone()
     assert row is not None

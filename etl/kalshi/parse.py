@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
+
+import orjson
 
 ORDER_STATUSES: Final = frozenset({"resting", "canceled", "executed", "pending"})
 OPEN_STATUSES: Final = frozenset({"resting", "pending"})
@@ -58,11 +60,16 @@ MAX_KEY_LENGTH: Final = 512
 # (json encoder, jsonb input) far from its limits.
 MAX_DEPTH: Final = 64
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
 # An unsigned decimal that numeric(18, p) holds exactly: at most 18 - p integer digits and p
 # decimals (what the API sends: "0.5600", "12.00").
+def _decimal_form(places: int) -> str:
+    return rf"\d{{1,{18 - places}}}(?:\.\d{{1,{places}}})?"
+
+
 _PLAIN_DECIMAL: Final = {
-    p: re.compile(rf"\d{{1,{18 - p}}}(?:\.\d{{1,{p}}})?").fullmatch
-    for p in (_DOLLAR_PLACES, _COUNT_PLACES)
+    p: re.compile(_decimal_form(p)).fullmatch for p in (_DOLLAR_PLACES, _COUNT_PLACES)
 }
 # Every byte that is a digit as b"0", the rest as b" ": a run of 20 digits shows as a run of
 # 20 b"0" (bytes.translate and bytes.find run at C speed; a regex here costs 10x more).
@@ -84,7 +91,8 @@ def screened_body(body: bytes, items: list[Any]) -> bool:
     return (
         body.count(b"{") == len(items) + 1
         and body.count(b"[") == 1
-        and b"\\u" not in body
+        # (a backslash is rare: one byte is searched far faster than two)
+        and (b"\\" not in body or b"\\u" not in body)
         and all(type(item) is dict for item in items)
     )
 
@@ -138,10 +146,10 @@ class Order:
     subaccount_number: int | None
     exchange_index: int | None
     raw: Mapping[str, Any]
-    # The nine decimals and three times as text PostgreSQL reads to the same values, when the
-    # parser had them at hand (the payload's own decimal strings): what COPY sends instead of
-    # dumping each Decimal and datetime again. Not a column.
-    text: tuple[str | None, ...] | None = field(default=None, compare=False, repr=False)
+    # The order as a row of COPY's text format, every column but the account (``raw`` as
+    # JSON), when the parser had the payload's own texts at hand: what COPY sends instead of
+    # formatting each value again. Not a column.
+    line: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_open(self) -> bool:
@@ -444,9 +452,112 @@ _BOOKS: Final = _ENUMS["book_side"]
 _STP: Final = _ENUMS["self_trade_prevention_type"]
 _PLAIN_DOLLARS: Final = _PLAIN_DECIMAL[_DOLLAR_PLACES]
 _PLAIN_COUNT: Final = _PLAIN_DECIMAL[_COUNT_PLACES]
-_CENT_FIELDS: Final = ("yes_price", "no_price", "taker_fill_cost", "maker_fill_cost")
-_COUNT_FIELDS: Final = ("fill_count", "remaining_count", "initial_count")
-_UNUSUAL: Final = object()  # what _plain_order's readers return for a value to leave to _order
+_NO_INTS: Final = (None,) * 10
+_NULL: Final = "\\N"  # NULL in COPY's text format
+_NULL_INTS: Final = "\t".join([_NULL] * 10)
+# Of each decimal of _DECIMAL_FIELDS, the 2025 integer (its index in _plain_order's ints) it is
+# derived from when absent.
+_FALLBACK_INT: Final = (0, 1, 5, 6, 7, 8, 2, 3, 4)
+_INT_TOPS: Final = (100, 100, *(INT4_MAX,) * 8)
+_DECIMAL_FIELDS: Final = (
+    "yes_price_dollars",
+    "no_price_dollars",
+    "taker_fees_dollars",
+    "maker_fees_dollars",
+    "taker_fill_cost_dollars",
+    "maker_fill_cost_dollars",
+    "fill_count_fp",
+    "remaining_count_fp",
+    "initial_count_fp",
+)
+# Decimal texts already matched against their plain form, and their values (Decimal is
+# immutable): at most _SEEN_MAX of each, the lot forgotten when full.
+_PRICES_SEEN: Final[dict[str, Decimal]] = {}  # at most 1 as well
+_DOLLARS_SEEN: Final[dict[str, Decimal]] = {}
+_COUNTS_SEEN: Final[dict[str, Decimal]] = {}
+_SEEN_BY_FIELD: Final = (
+    *[(_PRICES_SEEN, _PLAIN_DOLLARS)] * 2,
+    *[(_DOLLARS_SEEN, _PLAIN_DOLLARS)] * 4,
+    *[(_COUNTS_SEEN, _PLAIN_COUNT)] * 3,
+)
+_SEEN_MAX: Final = 4096
+
+
+def _as_postgres_reads(text: str) -> bool:
+    """Whether ``text``, a time :meth:`datetime.fromisoformat` accepted, is in the form
+    PostgreSQL reads to the same instant: ``YYYY-MM-DDTHH:MM:SS``, then at most six decimals
+    (PostgreSQL rounds a seventh where Python truncates), then ``Z`` or ``±HH:MM``."""
+    if text[4:17:3] != "--T::":
+        return False
+    if text[-1] == "Z":
+        clock = len(text) - 1
+    elif text[-3] == ":" and text[-6] in "+-":
+        clock = len(text) - 6
+    else:
+        return False
+    return clock == 19 or (21 <= clock <= 26 and text[19] == ".")
+
+
+def _plain_nine(v: list[Any]) -> list[Decimal | None] | None:
+    """The nine decimals of :func:`_plain_order` when every one is a string in its plain form
+    (as 2026 sends them) and the prices are at most 1; else ``None``. A text met before is
+    neither matched nor converted again: prices, fees and counts repeat across orders."""
+    prices, dollars, counts = _PRICES_SEEN, _DOLLARS_SEEN, _COUNTS_SEEN
+    try:
+        return [
+            prices[v[0]],
+            prices[v[1]],
+            dollars[v[2]],
+            dollars[v[3]],
+            dollars[v[4]],
+            dollars[v[5]],
+            counts[v[6]],
+            counts[v[7]],
+            counts[v[8]],
+        ]
+    except (KeyError, TypeError):  # one not met before, or not a string
+        pass
+    found: list[Decimal | None] = []
+    for i, value in enumerate(v):
+        seen, plain = _SEEN_BY_FIELD[i]
+        number = seen.get(value) if type(value) is str else None
+        if number is None:
+            if type(value) is not str or not plain(value):
+                return None
+            number = Decimal(value)
+            if seen is prices and number > _ONE:
+                return None
+            if len(seen) >= _SEEN_MAX:
+                seen.clear()
+            seen[value] = number
+        found.append(number)
+    return found
+
+
+def _plain_decimals(
+    values: list[Any], ints: tuple[Any, ...]
+) -> tuple[list[Decimal | None], list[str | None]] | None:
+    """The nine decimals of :func:`_plain_order` and their texts, field by field: each given
+    in its plain form, or derived from its 2025 integer; ``None`` when one is unusual."""
+    decimals: list[Decimal | None] = []
+    texts: list[str | None] = []
+    for i, value in enumerate(values):
+        dollars = i < 6
+        if value is None:
+            fallback = ints[_FALLBACK_INT[i]]
+            derived = _dollars_from_cents(fallback) if dollars else _fp_from_count(fallback)
+            decimals.append(derived)
+            texts.append(None if derived is None else str(derived))
+            continue
+        plain = _PLAIN_DOLLARS if dollars else _PLAIN_COUNT
+        if type(value) is not str or not plain(value):
+            return None
+        number = Decimal(value)
+        if i < 2 and number > _ONE:
+            return None
+        decimals.append(number)
+        texts.append(value)
+    return decimals, texts
 
 
 def _plain_order(d: dict[str, Any]) -> Order | None:
@@ -490,71 +601,34 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
         outcome = outcome or derived_outcome
         book = book or derived_book
 
-    # The 2025 integer fields: absent from 2026 payloads.
-    yes_price, no_price, taker_fill_cost, maker_fill_cost = (get(n) for n in _CENT_FIELDS)
-    fill_count, remaining_count, initial_count = (get(n) for n in _COUNT_FIELDS)
-    taker_fees, maker_fees, queue_position = (
+    # The 2025 integer fields (absent from 2026 payloads), in the column order.
+    ints = (
+        get("yes_price"),
+        get("no_price"),
+        get("fill_count"),
+        get("remaining_count"),
+        get("initial_count"),
         get("taker_fees"),
         get("maker_fees"),
+        get("taker_fill_cost"),
+        get("maker_fill_cost"),
         get("queue_position"),
     )
-    for value, top in (
-        (yes_price, 100),
-        (no_price, 100),
-        (taker_fill_cost, INT4_MAX),
-        (maker_fill_cost, INT4_MAX),
-        (fill_count, INT4_MAX),
-        (remaining_count, INT4_MAX),
-        (initial_count, INT4_MAX),
-        (taker_fees, INT4_MAX),
-        (maker_fees, INT4_MAX),
-        (queue_position, INT4_MAX),
-    ):
-        if value is not None and (type(value) is not int or not 0 <= value <= top):
+    if ints != _NO_INTS:
+        for value, top in zip(ints, _INT_TOPS, strict=True):
+            if value is not None and (type(value) is not int or not 0 <= value <= top):
+                return None
+
+    values = [get(name) for name in _DECIMAL_FIELDS]
+    decimals: list[Decimal | None] | None = _plain_nine(values)
+    if decimals is not None:
+        texts: list[str | None] = values
+    else:
+        read = _plain_decimals(values, ints)
+        if read is None:
             return None
+        decimals, texts = read
 
-    texts: list[str | None] = []
-
-    def decimal(
-        name: str,
-        fallback: int | None,
-        top: Decimal | None = None,
-        *,
-        plain: Callable[[str], Any] = _PLAIN_DOLLARS,
-        derive: Callable[[int | None], Decimal | None] = _dollars_from_cents,
-    ) -> Any:
-        """The given decimal (its text kept for COPY), or the one derived from ``fallback``."""
-        value = get(name)
-        if value is None:
-            derived = derive(fallback)
-            texts.append(None if derived is None else str(derived))
-            return derived
-        if type(value) is not str or not plain(value):
-            return _UNUSUAL
-        number = Decimal(value)
-        texts.append(value)
-        return _UNUSUAL if top is not None and number > top else number
-
-    def dollars(name: str, cents: int | None, top: Decimal | None) -> Any:
-        return decimal(name, cents, top)
-
-    def count_fp(name: str, count: int | None) -> Any:
-        return decimal(name, count, plain=_PLAIN_COUNT, derive=_fp_from_count)
-
-    decimals = (
-        dollars("yes_price_dollars", yes_price, _ONE),
-        dollars("no_price_dollars", no_price, _ONE),
-        dollars("taker_fees_dollars", taker_fees, None),
-        dollars("maker_fees_dollars", maker_fees, None),
-        dollars("taker_fill_cost_dollars", taker_fill_cost, None),
-        dollars("maker_fill_cost_dollars", maker_fill_cost, None),
-        count_fp("fill_count_fp", fill_count),
-        count_fp("remaining_count_fp", remaining_count),
-        count_fp("initial_count_fp", initial_count),
-    )
-    for value in decimals:
-        if value is _UNUSUAL:
-            return None
     times: list[Any] = []
     for name in ("expiration_time", "created_time", "last_update_time"):
         value = get(name)
@@ -571,7 +645,7 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
         times.append(parsed)
-        texts.append(parsed.isoformat())
+        texts.append(value if _as_postgres_reads(value) else parsed.isoformat())
     pause, subaccount, index = (
         get("cancel_order_on_pause"),
         get("subaccount_number"),
@@ -583,7 +657,7 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
         or (index is not None and (type(index) is not int or not INT4_MIN <= index <= INT4_MAX))
     ):
         return None
-    return Order(
+    order = Order(
         order_id,
         ticker,
         status,
@@ -594,16 +668,16 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
         action,
         outcome,
         book,
-        yes_price,
-        no_price,
-        fill_count,
-        remaining_count,
-        initial_count,
-        taker_fees,
-        maker_fees,
-        taker_fill_cost,
-        maker_fill_cost,
-        queue_position,
+        ints[0],
+        ints[1],
+        ints[2],
+        ints[3],
+        ints[4],
+        ints[5],
+        ints[6],
+        ints[7],
+        ints[8],
+        ints[9],
         decimals[0],
         decimals[1],
         decimals[2],
@@ -622,8 +696,43 @@ def _plain_order(d: dict[str, Any]) -> Order | None:
         subaccount,
         index,
         d,
-        tuple(texts),
     )
+    # The COPY line. A character COPY would need escaped (a backslash, a tab, a line break)
+    # can only be in the free-text ids: such an order is left to the full row writer.
+    free = f"{order_id}{ticker}{user_id}{client_order_id}{group}"
+    if "\\" in free or "\t" in free or "\n" in free or "\r" in free:
+        return order
+    try:
+        raw = orjson.dumps(d).decode()
+    except TypeError:  # an integer past 64 bits in a field of its own
+        return order
+    if "\\" in raw:  # orjson escapes control characters: a backslash is all to double
+        raw = raw.replace("\\", "\\\\")
+    order.line = "\t".join(
+        (
+            order_id,
+            ticker,
+            status,
+            _NULL if user_id is None else user_id,
+            _NULL if client_order_id is None else client_order_id,
+            _NULL if kind is None else kind,
+            _NULL if side is None else side,
+            _NULL if action is None else action,
+            _NULL if outcome is None else outcome,
+            _NULL if book is None else book,
+            _NULL_INTS
+            if ints == _NO_INTS
+            else "\t".join([_NULL if v is None else str(v) for v in ints]),
+            *[_NULL if t is None else t for t in texts],
+            _NULL if stp is None else stp,
+            _NULL if group is None else group,
+            _NULL if pause is None else ("t" if pause else "f"),
+            _NULL if subaccount is None else str(subaccount),
+            _NULL if index is None else str(index),
+            raw,
+        )
+    )
+    return order
 
 
 # The times of a `user_order` message: epoch-millisecond fields, and the RFC 3339 field each

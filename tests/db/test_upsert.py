@@ -248,20 +248,40 @@ def test_writers_touching_the_same_orders_in_opposite_orders_never_deadlock(db):
     assert not failures, failures[0]
 
 
-def test_the_payloads_own_text_and_the_typed_values_store_the_same_rows(db):
-    """The parser hands COPY the payload's decimal strings (Order.text); the columns must
-    hold exactly what the Decimal and datetime values would."""
+def test_the_parsers_copy_lines_and_the_typed_values_store_the_same_rows(db):
+    """The parser hands COPY each order as a line of text (Order.line) made of the payload's
+    own decimal and time strings; the table must hold exactly what the typed values would."""
     exchange = Exchange(seed=4, orders=150, api="2025", now=T0, events_per_second=0)
     payloads = [o.render("2025") for o in exchange] + [o.render("2026") for o in exchange]
-    payloads += [{**payloads[0], "order_id": "naive", "created_time": "2026-01-01T10:00:00"}]
+    payloads += [
+        {**payloads[0], "order_id": f"time-{n}", "created_time": text}
+        for n, text in enumerate(
+            [
+                "2026-01-01T10:00:00",  # naive: UTC
+                "2026-01-01T10:00:00.5Z",
+                "2026-01-01T10:00:00.123456Z",
+                "2026-01-01T10:00:00.1234567Z",  # Python truncates the seventh decimal
+                "2026-01-01T10:00:00.9999995Z",  # where PostgreSQL would round it up
+                "2026-01-01T10:00:00+05:30",
+                "2026-01-01T10:00:00.25-00:00",
+                "2026-01-01 10:00:00Z",
+                "20260101T100000Z",
+            ]
+        )
+    ]
+    payloads += [
+        {**payloads[-1], "order_id": f"id-{n}", "client_order_id": text}
+        for n, text in enumerate(['"quoted"', "back\\slash", "tab\tand\nline", "é ☃ 𝄞"])
+    ]
     for n, payload in enumerate(payloads):
         payload["order_id"] = f"{n}-{payload['order_id']}"
     orders = [o for o in map(parse_order, payloads) if isinstance(o, Order)]
-    assert len(orders) == len(payloads) and all(o.text is not None for o in orders)
+    assert len(orders) == len(payloads)
+    assert sum(o.line is None for o in orders) == 2  # the backslash and the tab: row by row
 
     def stored_rows() -> list[tuple[Any, ...]]:
         with db.connect() as conn:
-            columns = ", ".join(c for c in ORDER_COLUMNS if c != "raw")
+            columns = ", ".join(ORDER_COLUMNS)
             return list(conn.execute(sa.text(f"SELECT {columns} FROM orders ORDER BY order_id")))
 
     with db.begin() as conn:
@@ -269,8 +289,9 @@ def test_the_payloads_own_text_and_the_typed_values_store_the_same_rows(db):
             sa.text("SET LOCAL TIME ZONE 'America/New_York'")
         )  # naive times are UTC all the same
         upsert_orders(conn, orders, account=ACCOUNT, synced_at=T0)
-    from_text = stored_rows()
+    from_lines = stored_rows()
+    assert {row[0]: row[-1] for row in from_lines} == {o.order_id: o.raw for o in orders}
     with db.begin() as conn:
         conn.execute(sa.text("TRUNCATE orders"))
-        upsert_orders(conn, [replace(o, text=None) for o in orders], account=ACCOUNT, synced_at=T0)
-    assert stored_rows() == from_text
+        upsert_orders(conn, [replace(o, line=None) for o in orders], account=ACCOUNT, synced_at=T0)
+    assert stored_rows() == from_lines
