@@ -36,6 +36,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -194,31 +195,39 @@ def write_parsed(
 
 
 class _PageWriter:
-    """Writes parsed pages on a thread of its own, one at a time and in order, so that a
-    page's database round trips overlap the parsing (and fetching) of the next. At most one
-    write is in flight: :meth:`submit` first waits for the previous one, and raises its error.
+    """Writes parsed pages on threads of their own, each page in its own transaction on its
+    own connection, so that a page's database work overlaps the parsing (and fetching) of the
+    next and PostgreSQL writes ``depth`` pages at once. Pages may commit out of order: each
+    is whole by itself and the newest version wins whatever the order; a listing's checkpoint
+    is written only after :meth:`close`. :meth:`submit` waits while ``depth`` writes are in
+    flight, and raises the error of a write that failed.
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, *, depth: int = 2) -> None:
         self.run = run
         self.counts = Counts()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-writer")
-        self._pending: Future[Counts] | None = None
+        self._depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="page-writer")
+        self._pending: deque[Future[Counts]] = deque()
 
     def submit(self, good: list[Order], bad: list[Rejected]) -> None:
-        self.wait()
-        self._pending = self._pool.submit(write_parsed, self.run, good, bad)
+        while len(self._pending) >= self._depth:
+            self._settle(self._pending.popleft())
+        self._pending.append(self._pool.submit(write_parsed, self.run, good, bad))
 
     def wait(self) -> None:
-        """Wait for the write in flight (committed, or its error raised here)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self.counts += pending.result()
+        """Wait for every write in flight (committed, or the first error raised here)."""
+        while self._pending:
+            self._settle(self._pending.popleft())
+
+    def _settle(self, pending: Future[Counts]) -> None:
+        self.counts += pending.result()
 
     def close(self) -> None:
         try:
             self.wait()
-        finally:
+        finally:  # after an error, the other writes in flight end before the pull does
+            self._pending.clear()
             self._pool.shutdown(wait=True)
 
 
@@ -235,6 +244,12 @@ def _write(
     # closed since its previous run by this time.
     written_at = utcnow()
     with run.transaction() as conn:
+        if checkpoint is None:
+            # A page alone need not wait for its WAL to reach the disk. WAL is replayed as a
+            # prefix, so a page lost to a PostgreSQL crash takes every later commit with it,
+            # the checkpoint that would have covered it included; and the run's own end (and
+            # a checkpoint's) commits synchronously, which flushes every page before it.
+            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
         written, refused = write_records(
             conn,
             good,
