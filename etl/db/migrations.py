@@ -8,16 +8,20 @@ package, never from the working directory.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from etl.errors import ConfigError
 
+if TYPE_CHECKING:  # alembic is imported only when a migration runs: it costs 0.15 s to load
+    from alembic.config import Config
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The newest revision of the migrations (tests/db/test_migrations.py checks it is alembic's
+# head): a database already there is recognised without loading alembic at all.
+HEAD: Final = "0003"
 
 
 def migrations_dir() -> Path:
@@ -36,6 +40,8 @@ def migrations_dir() -> Path:
 
 def alembic_config() -> Config:
     """An alembic Config pointing at this project's migrations."""
+    from alembic.config import Config
+
     ini = PROJECT_ROOT / "alembic.ini"
     scripts = migrations_dir()
     config = Config(str(ini) if ini.is_file() and scripts.parent == PROJECT_ROOT else None)
@@ -45,6 +51,10 @@ def alembic_config() -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """``alembic upgrade`` on ``engine``; idempotent."""
+    if revision == "head" and current_revision(engine) == HEAD:
+        return
+    from alembic import command
+
     config = alembic_config()
     with engine.begin() as conn:
         config.attributes["connection"] = conn
@@ -52,6 +62,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
     config = alembic_config()
     with engine.begin() as conn:
         config.attributes["connection"] = conn
@@ -59,9 +71,16 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The revision ``engine``'s database is at; ``None`` before the first migration."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if conn.scalar(sa.text("SELECT to_regclass('alembic_version')")) is None:
+            return None
+        version = conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+        return None if version is None else str(version)
 
 
 def head_revision() -> str | None:
+    """The newest revision of the migrations, as alembic reads them."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()

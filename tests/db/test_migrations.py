@@ -120,3 +120,8 @@ def test_the_upgrade_stops_when_the_owner_of_existing_rows_is_ambiguous(
     assert migrations.current_revision(engine) == migrations.head_revision()
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT DISTINCT account FROM orders").scalar() == ACCOUNT
+
+
+def test_the_head_the_program_knows_is_the_newest_migration():
+    """``upgrade`` skips alembic when the database is at HEAD: HEAD must be alembic's head."""
+    assert migrations.HEAD == migrations.head_revision()
