@@ -23,7 +23,7 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
 - as users load: the first ``kalshi-etl sync`` as a process of its own, on accounts of 100,000
   and 1,000,000 orders (``--quick``: 100,000 only) with 8% and 35% of them resting: orders/s
   against a fetch-only pass over the same simulator (every page of both tiers read and
-  decoded, nothing parsed or written), its CPU per order and peak RSS, then the no-change
+  parsed as a sync does, nothing written), its CPU per order and peak RSS, then the no-change
   cycle's seconds and API calls;
 - a rate-limited first load (simulator and client at 200 tokens/s, the Basic tier): list calls
   per second against the budget's 20, and the 429s received.
@@ -63,7 +63,7 @@ from etl.kalshi.parse import Order, parse_order
 from etl.kalshi.stream import stream_url
 from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import generate_key, key_id
-from etl.sync.orders import sync_orders
+from etl.sync.orders import parse_page, prefetched, sync_orders
 from etl.sync.queue import poll_queue_positions
 from etl.sync.realtime import Batch, RealtimeOrders
 
@@ -451,18 +451,19 @@ def reset(engine: sa.Engine) -> None:
 
 
 def fetch_only(env: dict[str, str]) -> tuple[float, int]:
-    """Read and decode every page of both tiers, as a first sync does, and nothing else."""
+    """Read and parse every page of both tiers, as a first sync does (the next page fetched
+    while one is parsed), and write nothing: the source's ceiling."""
     key = read_private_key_file(Path(env["KALSHI_PRIVATE_KEY_PATH"]))
     started = time.perf_counter()
-    items = 0
+    parsed = 0
     with KalshiClient(
         env["KALSHI_API_BASE"], auth=KalshiAuth(env["KALSHI_API_KEY_ID"], key), tokens_per_second=0
     ) as c:
-        for page in c.iter_order_pages():
-            items += len(page.items)
-        for page in c.iter_historical_order_pages():
-            items += len(page.items)
-    return time.perf_counter() - started, items
+        for pages in (c.iter_order_pages(), c.iter_historical_order_pages()):
+            for page in prefetched(pages):
+                good, _ = parse_page(page.items, screened=page.screened)
+                parsed += len(good)
+    return time.perf_counter() - started, parsed
 
 
 # Runs the CLI, then reports its own CPU time and peak RSS on stderr. The peak is the

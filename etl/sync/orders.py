@@ -309,7 +309,7 @@ def pull(
     open orders listed (what settling needs; a full listing's would only cost memory).
 
     Raises:
-        StopRequested: a stop was asked for; the page in flight was committed first.
+        StopRequested: a stop was asked for; the pages in flight were committed first.
     """
     result = PullResult()
     progress = Progress(label)
@@ -330,7 +330,7 @@ def pull(
                     on_page(len(page.items))
                 run.check_stop(f"stopped during {label}; the pages read so far are committed")
         finally:
-            writer.close()  # the page in flight is committed (or its error raised) first
+            writer.close()  # the pages in flight are committed (or an error raised) first
     except ApiProtocolError as exc:
         keep_unparseable_body(run, exc)
         raise
