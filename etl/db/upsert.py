@@ -117,13 +117,13 @@ def _row(account: str, order: Order) -> tuple[Any, ...]:
     return (account, *_COLUMNS_BUT_RAW(order), json_text(order.raw))
 
 
+_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def copy_cell(text: str) -> str:
     """``text`` as a cell of COPY's text format."""
     return text.translate(_COPY_ESCAPES)
-
-
-_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def json_text(value: Any) -> str:

@@ -14,9 +14,10 @@ that parsed: such a record is rejected here, its payload kept as escaped JSON te
 
 Speed (a first load parses every order): a page :func:`screened_body` clears skips the
 per-record storage scan, and a record whose values all have the plain forms the API sends
-takes :func:`_plain_order`, one pass with no per-field calls; anything unusual goes through
-the full parser, which also words the rejection. :func:`parse_user_order` reads the
-WebSocket's ``user_order`` messages into the same records.
+takes :func:`_plain_order`, one pass with no per-field calls, which also writes the record as
+a line of COPY's text format (``Order.line``) from the payload's own decimal and time strings;
+anything unusual goes through the full parser, which also words the rejection.
+:func:`parse_user_order` reads the WebSocket's ``user_order`` messages into the same records.
 """
 
 from __future__ import annotations
