@@ -500,9 +500,8 @@ def _as_postgres_reads(text: str) -> bool:
 
 
 def _plain_nine(v: list[Any]) -> list[Decimal | None] | None:
-    """The nine decimals of :func:`_plain_order` when every one is a string in its plain form
-    (as 2026 sends them) and the prices are at most 1; else ``None``. A text met before is
-    neither matched nor converted again: prices, fees and counts repeat across orders."""
+    """The nine decimals of :func:`_plain_order` when every one is a text met before (as
+    2026 sends them: prices, fees and counts repeat across orders); else ``None``."""
     prices, dollars, counts = _PRICES_SEEN, _DOLLARS_SEEN, _COUNTS_SEEN
     try:
         return [
@@ -516,46 +515,36 @@ def _plain_nine(v: list[Any]) -> list[Decimal | None] | None:
             counts[v[7]],
             counts[v[8]],
         ]
-    except (KeyError, TypeError):  # one not met before, or not a string
-        pass
-    found: list[Decimal | None] = []
-    for i, value in enumerate(v):
-        seen, plain = _SEEN_BY_FIELD[i]
-        number = seen.get(value) if type(value) is str else None
-        if number is None:
-            if type(value) is not str or not plain(value):
-                return None
-            number = Decimal(value)
-            if seen is prices and number > _ONE:
-                return None
-            if len(seen) >= _SEEN_MAX:
-                seen.clear()
-            seen[value] = number
-        found.append(number)
-    return found
+    except (KeyError, TypeError):  # one not met before, absent, or not a string
+        return None
 
 
 def _plain_decimals(
     values: list[Any], ints: tuple[Any, ...]
 ) -> tuple[list[Decimal | None], list[str | None]] | None:
     """The nine decimals of :func:`_plain_order` and their texts, field by field: each given
-    in its plain form, or derived from its 2025 integer; ``None`` when one is unusual."""
+    in its plain form (the prices at most 1; remembered for :func:`_plain_nine`), or derived
+    from its 2025 integer; ``None`` when one is unusual."""
     decimals: list[Decimal | None] = []
     texts: list[str | None] = []
     for i, value in enumerate(values):
-        dollars = i < 6
         if value is None:
             fallback = ints[_FALLBACK_INT[i]]
-            derived = _dollars_from_cents(fallback) if dollars else _fp_from_count(fallback)
+            derived = _dollars_from_cents(fallback) if i < 6 else _fp_from_count(fallback)
             decimals.append(derived)
             texts.append(None if derived is None else str(derived))
             continue
-        plain = _PLAIN_DOLLARS if dollars else _PLAIN_COUNT
-        if type(value) is not str or not plain(value):
-            return None
-        number = Decimal(value)
-        if i < 2 and number > _ONE:
-            return None
+        seen, plain = _SEEN_BY_FIELD[i]
+        number = seen.get(value) if type(value) is str else None
+        if number is None:
+            if type(value) is not str or not plain(value):
+                return None
+            number = Decimal(value)
+            if seen is _PRICES_SEEN and number > _ONE:
+                return None
+            if len(seen) >= _SEEN_MAX:
+                seen.clear()
+            seen[value] = number
         decimals.append(number)
         texts.append(value)
     return decimals, texts
