@@ -162,6 +162,12 @@ def open_orders(conn: Connection, account: str) -> list[OpenOrder]:
     ]
 
 
+def has_orders(conn: Connection, account: str) -> bool:
+    """Whether ``orders`` holds any order of ``account``."""
+    query = sa.select(sa.exists().where(orders.c.account == account))
+    return bool(conn.execute(query).scalar_one())
+
+
 def open_subaccounts(conn: Connection, account: str) -> set[int]:
     """The subaccounts of ``account``'s stored open orders (one query; no order is loaded)."""
     rows = conn.execute(

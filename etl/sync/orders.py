@@ -24,6 +24,10 @@ One cycle (:func:`sync_orders`):
    subaccount). An order that cannot be fetched is logged and recorded in
    ``rejected_records`` (once per distinct failure); the others still settle.
 
+The first load of an account with no stored orders (a first sync, or a first backfill) COPYs
+its pages straight into ``orders`` until a page meets an order already stored; from then on
+pages are merged (see :class:`NewAccount`).
+
 The new watermark is the server's ``user_data_timestamp`` taken *before* step 1 (the local
 clock where the server has none, or where it is earlier): never past what the server has seen,
 never backwards.
@@ -50,6 +54,7 @@ from etl.db.engine import connection
 from etl.db.state import (
     add_to_run,
     backfill_coverage,
+    has_orders,
     mark_window_done,
     open_orders,
     open_subaccounts,
@@ -58,6 +63,7 @@ from etl.db.state import (
 )
 from etl.db.upsert import (
     Counts,
+    copy_new_orders,
     insert_rejected,
     refusal_safe,
     upsert_orders,
@@ -83,6 +89,16 @@ class Checkpoint:
 
     watermark: datetime | None = None
     window: tuple[int, int] | None = None
+
+
+@dataclass
+class NewAccount:
+    """A first load's belief that the account has no stored orders, shared by the page
+    writers of a run: while it holds, pages are COPYed straight into ``orders``
+    (:func:`copy_new_orders`). The first page that finds one of its orders stored ends it, and
+    every later page is merged."""
+
+    holds: bool = True
 
 
 @dataclass
@@ -186,10 +202,12 @@ def write_parsed(
     bad: Sequence[Rejected],
     *,
     checkpoint: Checkpoint | None = None,
+    new: NewAccount | None = None,
 ) -> Counts:
-    """Write a parsed page in one transaction (see :func:`write_page`)."""
+    """Write a parsed page in one transaction (see :func:`write_page`); ``new``: while it
+    holds, the orders are COPYed into ``orders`` without a merge."""
     return refusal_safe(
-        lambda one_by_one: _write(run, good, bad, checkpoint, one_by_one=one_by_one),
+        lambda one_by_one: _write(run, good, bad, checkpoint, one_by_one=one_by_one, new=new),
         what="a page",
     )
 
@@ -203,8 +221,9 @@ class _PageWriter:
     flight, and raises the error of a write that failed.
     """
 
-    def __init__(self, run: Run, *, depth: int = 2) -> None:
+    def __init__(self, run: Run, *, depth: int = 2, new: NewAccount | None = None) -> None:
         self.run = run
+        self.new = new
         self.counts = Counts()
         self._depth = depth
         self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="page-writer")
@@ -213,7 +232,7 @@ class _PageWriter:
     def submit(self, good: list[Order], bad: list[Rejected]) -> None:
         while len(self._pending) >= self._depth:
             self._settle(self._pending.popleft())
-        self._pending.append(self._pool.submit(write_parsed, self.run, good, bad))
+        self._pending.append(self._pool.submit(write_parsed, self.run, good, bad, new=self.new))
 
     def wait(self) -> None:
         """Wait for every write in flight (committed, or the first error raised here)."""
@@ -238,6 +257,7 @@ def _write(
     checkpoint: Checkpoint | None,
     *,
     one_by_one: bool,
+    new: NewAccount | None = None,
 ) -> Counts:
     now = run.clock()
     # The wall clock, not the run's (injectable) one: a queue poll finds the orders that
@@ -250,12 +270,20 @@ def _write(
             # the checkpoint that would have covered it included; and the run's own end (and
             # a checkpoint's) commits synchronously, which flushes every page before it.
             conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-        written, refused = write_records(
-            conn,
-            good,
-            lambda c, batch: upsert_orders(c, batch, account=run.account, synced_at=written_at),
-            one_by_one=one_by_one,
-        )
+        written: Counts | None = None
+        refused: list[Rejected] = []
+        if new is not None and new.holds and not one_by_one:
+            written = copy_new_orders(conn, good, account=run.account, synced_at=written_at)
+            if written is None and new.holds:
+                new.holds = False
+                log.info("some of the orders listed are stored already: merging from now on")
+        if written is None:
+            written, refused = write_records(
+                conn,
+                good,
+                lambda c, batch: upsert_orders(c, batch, account=run.account, synced_at=written_at),
+                one_by_one=one_by_one,
+            )
         rejected = insert_rejected(
             conn, [*bad, *refused], stream=STREAM, account=run.account, received_at=now
         )
@@ -303,10 +331,12 @@ def pull(
     label: str,
     on_page: PageCallback | None = None,
     keep_open: bool = False,
+    new: NewAccount | None = None,
 ) -> PullResult:
     """Write every page of one listing, each in its own transaction; once the listing has
     been read to its end, write ``checkpoint``. ``keep_open``: also collect the ids of the
     open orders listed (what settling needs; a full listing's would only cost memory).
+    ``new``: see :class:`NewAccount`.
 
     Raises:
         StopRequested: a stop was asked for; the pages in flight were committed first.
@@ -314,7 +344,7 @@ def pull(
     result = PullResult()
     progress = Progress(label)
     iterator = prefetched(pages)
-    writer = _PageWriter(run)
+    writer = _PageWriter(run, new=new)
     try:
         try:
             for page in iterator:
@@ -530,6 +560,8 @@ def _stored_subaccounts(run: Run) -> set[int]:
 def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Counts, datetime]:
     with connection(run.engine) as conn:
         stored = read_state(conn, run.account, STREAM)
+        # An account's very first load (not one resumed after a kill) skips the merge.
+        new = NewAccount() if stored is None and not has_orders(conn, run.account) else None
     # Taken before the pull: everything the server had seen by then is in what we read. The
     # earlier of server and local time, so a server clock running ahead cannot skip orders.
     local = run.clock()
@@ -545,7 +577,7 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
 
     if since is None:
         log.info("first sync of account %s: loading every order", run.account)
-        live = pull(run, client.iter_order_pages(), checkpoint=None, label="live orders")
+        live = pull(run, client.iter_order_pages(), checkpoint=None, label="live orders", new=new)
     else:
         live = pull(
             run,
@@ -568,6 +600,7 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
             historical_pages(client, subaccounts, **filters),
             checkpoint=None,
             label="historical orders",
+            new=new,
         ).counts
     write_page(run, [], checkpoint=checkpoint)
     if first:
@@ -689,6 +722,8 @@ def backfill_orders(
     ) as run:
         with connection(engine) as conn:
             spans = backfill_coverage(conn, account)
+            # A new account's backfill skips the merge, as its first sync does.
+            new = None if spans or has_orders(conn, account) else NewAccount()
         left = [uncovered(w, spans) for w in plan]
         done = sum(1 for pieces in left if not pieces)
         partly = sum(1 for w, pieces in zip(plan, left, strict=True) if pieces != [w])
@@ -700,7 +735,7 @@ def backfill_orders(
                 partly - done,
             )
         todo = [piece for pieces in left for piece in pieces]
-        total = _backfill(run, client, done, todo, concurrency, on_progress)
+        total = _backfill(run, client, done, todo, concurrency, on_progress, new)
     return SyncResult(run_id=run.run_id, counts=total, watermark=None)
 
 
@@ -711,6 +746,7 @@ def _backfill(
     todo: Sequence[Window],
     concurrency: int,
     on_progress: ProgressCallback | None,
+    new: NewAccount | None,
 ) -> Counts:
     has_history = client.historical_cutoff() is not None
     subaccounts = _stored_subaccounts(run)
@@ -736,6 +772,7 @@ def _backfill(
             checkpoint=None,
             label=f"orders {label}",
             on_page=counted,
+            new=new,
         ).counts
         if has_history:
             counts += pull(
@@ -744,6 +781,7 @@ def _backfill(
                 checkpoint=None,
                 label=f"historical orders {label}",
                 on_page=counted,
+                new=new,
             ).counts
         write_page(run, [], checkpoint=Checkpoint(window=(lo, hi)))
         with lock:

@@ -4,8 +4,10 @@ and a rerun after a crash that converges without duplicates."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -13,9 +15,11 @@ import pytest
 
 from etl.db.state import StreamState, read_state, write_state
 from etl.errors import ApiProtocolError, ApiStatusError, StopRequested
+from etl.kalshi.client import Page
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
-from etl.sync.orders import sync_orders
+from etl.sync.orders import NewAccount, pull, sync_orders
+from etl.sync.run import recorded_run
 from tests.fix_exchange import CLI, NOW, make_client, rewriting, spawn, wait_until
 from tests.sync.helpers import (
     ACCOUNT,
@@ -268,3 +272,37 @@ def test_a_server_clock_running_ahead_cannot_push_the_watermark_into_the_future(
     with db.connect() as conn:
         watermark = watermark_of(read_state(conn, ACCOUNT, "orders"))
     assert before <= watermark <= datetime.now(UTC)
+
+
+def test_an_order_met_twice_in_a_first_load_ends_at_its_newest_version(db, caplog):
+    """A first load COPYs its pages straight into ``orders``, without the merge. An order met
+    again (it changed while the listing ran) turns the rest of the load over to the merge,
+    whichever page commits first, and the newest version wins."""
+    exchange = Exchange(seed=6, orders=400, now=NOW, events_per_second=0)
+    sim = list(exchange)
+    again = sim[7]
+    newer = replace(again, status="canceled", updated=again.updated + timedelta(seconds=1))
+    payloads = [o.render("2026") for o in sim]
+    pages = [
+        Page(items=payloads[:100], cursor="a"),
+        Page(items=[*payloads[100:200], newer.render("2026")], cursor="b"),
+        Page(items=payloads[200:300], cursor="c"),
+        Page(items=[*payloads[300:], again.render("2026")], cursor=None),
+    ]
+    new = NewAccount()
+    with caplog.at_level(logging.INFO, logger="etl.sync.orders"):
+        with recorded_run(db, ACCOUNT, "orders", "incremental") as run:
+            result = pull(run, pages, checkpoint=None, label="test", new=new)
+    assert not new.holds
+    assert "merging from now on" in caplog.text
+    expected = {o.order_id: o.render("2026") for o in sim}
+    expected[again.order_id] = newer.render("2026")
+    assert stored_orders(db) == expected
+    assert (result.counts.fetched, result.counts.inserted) == (402, 400)
+
+
+def test_a_first_load_without_repeats_is_copied_to_its_end(db, client, exchange, caplog):
+    with caplog.at_level(logging.INFO, logger="etl.sync.orders"):
+        sync(db, client)
+    assert_table_equals_truth(db, exchange)
+    assert "merging from now on" not in caplog.text
