@@ -53,7 +53,7 @@ from etl.db.state import LIVE_STREAM, stream_health
 from etl.errors import ApiStatusError, ApiTransportError, ConfigError, EtlError, StopRequested
 from etl.kalshi.auth import KalshiAuth, load_private_key, read_private_key_file
 from etl.kalshi.client import KalshiClient
-from etl.sync.orders import BackfillProgress
+from etl.sync.orders import SWITCH_INTERVAL, BackfillProgress
 
 if TYPE_CHECKING:
     from etl.db.compare import Comparison
@@ -1099,6 +1099,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if passed_on:
         args.psql_args = passed_on
     debug = getattr(args, "debug", False)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         settings = from_env(environment(), demo=getattr(args, "demo", False), cwd=Path.cwd())
         setup_logging(settings.log_format, debug=debug)

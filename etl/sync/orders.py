@@ -80,6 +80,11 @@ STREAM = "orders"
 # Consecutive per-order failures that look like an outage (network, 5xx, 429) before settling
 # gives up: one order's trouble is that order's, three in a row are the API's.
 OUTAGE_STREAK = 3
+# How often (seconds) a thread holding the GIL hands it over, for a process running pulls
+# (``sys.setswitchinterval``; Python's default is 0.005). A pull's fetcher, parser and writers
+# share one interpreter: at 0.5 ms the fetcher's next request waits less behind parsing, which
+# made a first load about 5% faster and a fetch alone about 9%.
+SWITCH_INTERVAL = 0.0005
 
 
 @dataclass(frozen=True)
