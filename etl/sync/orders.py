@@ -565,15 +565,15 @@ def _stored_subaccounts(run: Run) -> set[int]:
 def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Counts, datetime]:
     with connection(run.engine) as conn:
         stored = read_state(conn, run.account, STREAM)
+        first = stored is None or stored.watermark is None
         # An account's very first load (not one resumed after a kill) skips the merge.
-        new = NewAccount() if stored is None and not has_orders(conn, run.account) else None
+        new = NewAccount() if first and not has_orders(conn, run.account) else None
     # Taken before the pull: everything the server had seen by then is in what we read. The
     # earlier of server and local time, so a server clock running ahead cannot skip orders.
     local = run.clock()
     server = client.user_data_timestamp()
     as_of = min(server, local) if server is not None else local
     checkpoint = Checkpoint(watermark=as_of)
-    first = stored is None or stored.watermark is None
     since = (
         None
         if first or stored is None or stored.watermark is None

@@ -14,8 +14,10 @@ import httpx
 import pytest
 
 from etl.db.state import StreamState, read_state, write_state
+from etl.db.upsert import upsert_orders
 from etl.errors import ApiProtocolError, ApiStatusError, StopRequested
 from etl.kalshi.client import Page
+from etl.kalshi.parse import Order, parse_order
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
 from etl.sync.orders import NewAccount, pull, sync_orders
@@ -302,6 +304,26 @@ def test_an_order_met_twice_in_a_first_load_ends_at_its_newest_version(db, caplo
 
 
 def test_a_first_load_without_repeats_is_copied_to_its_end(db, client, exchange, caplog):
+    with caplog.at_level(logging.INFO, logger="etl.sync.orders"):
+        sync(db, client)
+    assert_table_equals_truth(db, exchange)
+    assert "merging from now on" not in caplog.text
+
+
+def test_a_first_load_resumed_after_a_kill_merges_from_its_first_page(db, client, exchange, caplog):
+    """Its earlier pages are stored: copying would only meet them again."""
+    truth = list(exchange)
+    with db.begin() as conn:
+        upsert_orders(
+            conn,
+            [
+                o
+                for o in map(parse_order, (t.render("2026") for t in truth[:30]))
+                if isinstance(o, Order)
+            ],
+            account=ACCOUNT,
+            synced_at=NOW,
+        )
     with caplog.at_level(logging.INFO, logger="etl.sync.orders"):
         sync(db, client)
     assert_table_equals_truth(db, exchange)
