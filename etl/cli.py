@@ -1088,6 +1088,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that pull orders, whose threads hand the GIL over more often (SWITCH_INTERVAL).
+_PULLING = frozenset({"sync", "backfill", "daemon", "verify", "demo"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the program; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1099,7 +1103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if passed_on:
         args.psql_args = passed_on
     debug = getattr(args, "debug", False)
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    if args.command in _PULLING:
+        sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         settings = from_env(environment(), demo=getattr(args, "demo", False), cwd=Path.cwd())
         setup_logging(settings.log_format, debug=debug)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from etl.cli import _PULLING, build_parser
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient
 from etl.simulator.keys import load_or_create
@@ -416,3 +417,10 @@ def test_verify_exits_0_when_equal_1_with_the_differences_listed_and_repairs(
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert "repaired: inserted 1, updated 0" in repaired.stdout
     assert_table_equals_truth(db, first.exchange, first.name)
+
+
+def test_the_commands_that_pull_are_commands():
+    """They hand the GIL over more often (etl.sync.orders.SWITCH_INTERVAL): a renamed command
+    would silently lose it."""
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    assert _PULLING <= set(commands.choices or ())
