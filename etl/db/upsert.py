@@ -112,6 +112,7 @@ def newest_per_order(records: Iterable[Order]) -> list[Order]:
 
 
 _COLUMNS_BUT_RAW = operator.attrgetter(*ORDER_COLUMNS[:-1])
+_ORDER_ID = operator.attrgetter("order_id")
 
 
 def _row(account: str, order: Order) -> tuple[Any, ...]:
@@ -136,6 +137,22 @@ def json_text(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return _JSON.encode(value)
+
+
+def _copy_orders(
+    copy: psycopg.Copy, batch: Sequence[Order], account: str, *after: datetime
+) -> None:
+    """Write ``batch`` into ``copy``: each row is the account, the order's columns
+    (ORDER_COLUMNS), then the values ``after``. The lines the parser made go as one write,
+    the other orders row by row."""
+    lines = [order.line for order in batch if order.line is not None]
+    if lines:
+        head = copy_cell(account) + "\t"
+        tail = "".join("\t" + value.isoformat() for value in after)
+        copy.write(head + (tail + "\n" + head).join(lines) + tail + "\n")
+    for order in batch:
+        if order.line is None:
+            copy.write_row((*_row(account, order), *after))
 
 
 def upsert_orders(
@@ -180,22 +197,6 @@ def upsert_orders(
     )
 
 
-def _copy_orders(
-    copy: psycopg.Copy, batch: Sequence[Order], account: str, *after: datetime
-) -> None:
-    """Write ``batch`` into ``copy``: each row is the account, the order's columns
-    (ORDER_COLUMNS), then the values ``after``. The lines the parser made go as one write,
-    the other orders row by row."""
-    lines = [order.line for order in batch if order.line is not None]
-    if lines:
-        head = copy_cell(account) + "\t"
-        tail = "".join("\t" + value.isoformat() for value in after)
-        copy.write(head + (tail + "\n" + head).join(lines) + tail + "\n")
-    for order in batch:
-        if order.line is None:
-            copy.write_row((*_row(account, order), *after))
-
-
 _NEW_ORDERS_COPY: Final = (
     f"COPY orders ({', '.join(_STAGED)}, first_synced_at, synced_at) FROM STDIN"
 )
@@ -222,9 +223,6 @@ def copy_new_orders(
     except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
         return None
     return Counts(fetched=len(records), inserted=len(batch), unchanged=len(records) - len(batch))
-
-
-_ORDER_ID = operator.attrgetter("order_id")
 
 
 def insert_rejected(
