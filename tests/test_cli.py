@@ -424,3 +424,15 @@ def test_the_commands_that_pull_are_commands():
     would silently lose it."""
     commands = next(a for a in build_parser()._actions if a.dest == "command")
     assert _PULLING <= set(commands.choices or ())
+
+
+def test_the_cli_starts_without_the_orm():
+    """Every command pays its imports before it does anything: the schema is Core tables, so
+    ``sqlalchemy.orm`` (about 0.1 s) stays out of every start."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, etl.cli; print('sqlalchemy.orm' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "False"
