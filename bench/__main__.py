@@ -809,9 +809,9 @@ def print_loads(loads: list[dict[str, Any]]) -> None:
         "(least s: the start-up on one core (the fetch-only pass's), then the rest of the three\n"
         " parties' CPU spread evenly over every core; no sync using that CPU can beat it. sync\n"
         " cores: the three's CPU ÷ the sync's seconds, the cores kept busy; best × fetch-only:\n"
-        " fetch-only seconds ÷ that least time. fetch-only cores:\n"
-        " its own and the simulator's CPU ÷ its seconds. PostgreSQL: every local process of\n"
-        " that name; n/a for a server elsewhere)"
+        " fetch-only seconds ÷ that least time; fetch-only cores: its own and the simulator's\n"
+        " CPU ÷ its seconds. PostgreSQL: every local process of that name; n/a for a server\n"
+        " elsewhere)"
     )
 
 
