@@ -33,7 +33,9 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   limit, since only a loader faster than the budget can reach it.
 
 Prints a table with ratios and writes bench/results.json. BENCH_ORDERS sets the account size
-of the detailed part (default 100000); BENCH_ONLY=stream, =load or =limit runs one part alone.
+of the detailed part (default 100000); BENCH_ONLY=stream, =load or =limit runs one part alone;
+BENCH_LOAD_SIZES and BENCH_RESTING set the loads (default 100000,1000000 and 0.08,0.35), and
+BENCH_REPEATS the runs of each (default 3 up to 100,000 orders, else 1).
 """
 
 from __future__ import annotations
