@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from etl.db.engine import driver_cursor
 from etl.db.upsert import ORDER_COLUMNS, rejected_payload
 from etl.kalshi.parse import STREAM_LACKS, Order, Rejected
 
@@ -78,9 +78,7 @@ def add_to_listing(
 ) -> None:
     """Add one page of the listing: the orders that parsed and the records that did not."""
     if orders:
-        driver = conn.connection.driver_connection
-        assert isinstance(driver, psycopg.Connection)
-        with driver.cursor() as cur:
+        with driver_cursor(conn) as cur:
             with cur.copy(f"COPY {_LISTED} ({', '.join(_LISTED_COLUMNS)}) FROM STDIN") as copy:
                 for order in orders:
                     copy.write_row(

@@ -171,6 +171,14 @@ def connection(engine: Engine) -> Iterator[sa.Connection]:
         raise _lost(engine, exc) from exc
 
 
+def driver_cursor(conn: sa.Connection) -> psycopg.Cursor[Any]:
+    """A psycopg cursor on ``conn``'s own driver connection, inside its transaction: for what
+    SQLAlchemy does not offer, such as ``COPY``."""
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver.cursor()
+
+
 def lock_key(account: str, stream: str) -> int:
     """A stable 32-bit key for (account, stream)."""
     return zlib.crc32(f"{account}\x00{stream}".encode()) - 2**31

@@ -28,6 +28,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from etl.db.engine import driver_cursor
 from etl.db.models import rejected_records
 from etl.kalshi.parse import (
     STREAM_LACKS,
@@ -175,9 +176,7 @@ def upsert_orders(
     # Rows are locked in order_id order, whichever writer: the stream's micro-batches and a
     # REST page touching the same orders can then never deadlock.
     batch = newest_per_order(records)
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    with driver.cursor() as cur:
+    with driver_cursor(conn) as cur:
         cur.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
             f"(LIKE orders INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -214,10 +213,8 @@ def copy_new_orders(
         return Counts()
     # Rows are locked in the merge's order (order_id, byte by byte, as Python compares).
     batch = sorted(newest_per_order(records), key=_ORDER_ID)
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)
     try:
-        with conn.begin_nested(), driver.cursor() as cur:
+        with conn.begin_nested(), driver_cursor(conn) as cur:
             with cur.copy(_NEW_ORDERS_COPY) as copy:
                 _copy_orders(copy, batch, account, synced_at, synced_at)
     except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
