@@ -44,6 +44,7 @@ from etl.db.engine import (
     connection,
     create_engine,
     embedded_url,
+    libpq_target,
     libpq_url,
     mask,
     psql_executable,
@@ -51,7 +52,12 @@ from etl.db.engine import (
 from etl.db.models import orders, queue_position_snapshots, rejected_records, sync_runs, sync_state
 from etl.db.state import LIVE_STREAM, stream_health
 from etl.errors import ApiStatusError, ApiTransportError, ConfigError, EtlError, StopRequested
-from etl.kalshi.auth import KalshiAuth, load_private_key, read_private_key_file
+from etl.kalshi.auth import (
+    KalshiAuth,
+    load_private_key,
+    read_private_key_file,
+    warn_if_exposed,
+)
 from etl.kalshi.client import KalshiClient
 from etl.sync.orders import SWITCH_INTERVAL, BackfillProgress
 
@@ -67,11 +73,24 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) or SIGTERM ended a `sync` or `backfill
 # -- logging ------------------------------------------------------------------------------------
 
 _PEM = re.compile(r"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----", re.S)
+# A signed request's headers replay as the key until their timestamp expires: the signature's
+# value goes, however a library prints a header (`name: value`, `'name': 'value'`, `(name,
+# value)`), and so does a password in a URL.
+_SIGNATURE = re.compile(
+    r"""(kalshi-access-signature['"]?\s*[:=,]?\s*b?['"]?)[A-Za-z0-9+/=_-]+""", re.I
+)
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@\s/]+@")
 
 
 def _redact(message: str) -> str:
-    """Last line of defence: no key material reaches a log line."""
-    return _PEM.sub("[redacted key]", message) if "-----BEGIN" in message else message
+    """Last line of defence: no key material, signature or password reaches a log line."""
+    if "-----BEGIN" in message:
+        message = _PEM.sub("[redacted key]", message)
+    if "ignature" in message or "IGNATURE" in message:
+        message = _SIGNATURE.sub(r"\1[redacted]", message)
+    if "://" in message and "@" in message:
+        message = _URL_PASSWORD.sub(r"\1***@", message)
+    return message
 
 
 class _TextFormatter(logging.Formatter):
@@ -189,6 +208,11 @@ def open_client(
             if settings.accounts_file is None
             else (f"private_key of account {account.name!r} in {settings.accounts_file}")
         )
+        holder = settings.accounts_file
+        if holder is None and "KALSHI_PRIVATE_KEY" not in os.environ:
+            holder = Path.cwd() / ".env"  # where from_env found it
+        if holder is not None:
+            warn_if_exposed(holder, what="holds a private key")
         key = load_private_key(account.private_key_pem.encode(), source=source)
     else:
         raise ConfigError(
@@ -593,6 +617,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         migrations.head_revision()
     ):
         raise ConfigError("--account needs the current schema: run kalshi-etl migrate first")
+    if args.account is not None:
+        _known_account(settings, engine, args.account)
     for line in status_lines(engine, args.account):
         print(line)
     with connection(engine) as conn:
@@ -609,6 +635,34 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_UNHEALTHY
     print("health      ok")
     return 0
+
+
+def _known_account(settings: Settings, engine: Engine, name: str) -> None:
+    """``--account NAME`` of a command that reads only: the name must be configured or have
+    data in the database, so that a typo is an error and not a healthy "nothing yet".
+
+    Raises:
+        ConfigError: naming the accounts there are.
+    """
+    configured = [a.name for a in settings.accounts()]
+    with connection(engine) as conn:
+        stored = [
+            row[0]
+            for row in conn.execute(
+                sa.text(
+                    "SELECT account FROM sync_state UNION SELECT account FROM sync_runs "
+                    "UNION SELECT DISTINCT account FROM orders ORDER BY 1"
+                )
+            )
+        ]
+    if name in configured or name in stored:
+        return
+    known = sorted(set(configured) | set(stored))
+    where = f"in {settings.accounts_file} or " if settings.accounts_file else ""
+    raise ConfigError(
+        f"--account {name}: no such account {where}in the database; the accounts are: "
+        + (", ".join(known) if known else "none yet")
+    )
 
 
 def status_lines(engine: Engine, account: str | None = None) -> list[str]:
@@ -814,11 +868,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
     """Open psql on the database (starting the embedded one for as long as psql runs)."""
     engine = open_engine(settings)
-    command = [psql_executable(), libpq_url(engine.url), *args.psql_args]
+    target, secret = libpq_target(engine.url)
+    command = [psql_executable(), target, *args.psql_args]
     engine.dispose()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to psql
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env={**os.environ, **secret})
     finally:
         signal.signal(signal.SIGINT, previous)
 

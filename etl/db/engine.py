@@ -310,3 +310,13 @@ def libpq_url(url: str | URL) -> str:
     """The URL in the form psql and other libpq tools take (no ``+psycopg``)."""
     text = make_url(url).render_as_string(hide_password=False)
     return text.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def libpq_target(url: str | URL) -> tuple[str, dict[str, str]]:
+    """The URL for a libpq tool's command line, without its password, and the environment
+    that carries the password instead (``PGPASSWORD``): a process's arguments are readable by
+    every user of the machine (``/proc/PID/cmdline``), its environment only by its owner."""
+    parsed = make_url(url)
+    password = parsed.password
+    bare = libpq_url(parsed._replace(password=None))
+    return bare, ({} if password is None else {"PGPASSWORD": str(password)})

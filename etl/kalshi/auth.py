@@ -98,6 +98,22 @@ def read_private_key_file(path: Path) -> rsa.RSAPrivateKey:
     return load_private_key(pem, source=source)
 
 
+_warned: set[Path] = set()
+
+
+def warn_if_exposed(path: Path, *, what: str) -> None:
+    """Warn (once per file and process) when ``path``, which ``what`` (e.g. "holds a private
+    key"), can be read by group or others: an accounts file or a ``.env`` with the PEM text
+    inline is as much a key file as a PEM file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH) and path not in _warned:
+        _warned.add(path)
+        log.warning("%s %s and is readable by group or others; chmod 600 it", path, what)
+
+
 class KalshiAuth(httpx.Auth):
     """Signs each request at send time, so that every retry carries a fresh timestamp.
 
