@@ -601,7 +601,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"pruned {result.deleted} queue-position snapshot(s) captured before "
         f"{cutoff.isoformat(timespec='seconds')} in {result.batches} batch(es); each order's "
-        f"latest row is kept ({result.kept_old} of them older than that)"
+        f"newest row at the cutoff is kept ({result.kept_old} of them older than that)"
     )
     return 0
 
@@ -1029,7 +1029,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "prune",
         cmd_prune,
-        "delete old queue-position snapshots in batches, keeping each order's latest row",
+        "delete old queue-position snapshots in batches, keeping each order's newest row at the "
+        "cutoff",
     )
     p.add_argument(
         "--snapshots-older-than",

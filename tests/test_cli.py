@@ -150,13 +150,14 @@ def test_json_logs_are_one_object_per_line(db, tmp_path, live_simulator):
 
 def test_prune_keeps_each_orders_latest_snapshot(db, tmp_path, live_simulator):
     assert run(["sync"], live_simulator.env, tmp_path).returncode == 0
-    with db.begin() as conn:  # an old, superseded row for one order
-        conn.exec_driver_sql(
-            "INSERT INTO queue_position_snapshots (order_id, account, market_ticker, "
-            "queue_position, captured_at) SELECT order_id, account, market_ticker, "
-            "queue_position + 1, "
-            "captured_at - interval '200 days' FROM queue_position_snapshots LIMIT 1"
-        )
+    with db.begin() as conn:  # two old rows for one order: the older is superseded
+        for days, ahead in ((200, 2), (150, 1)):
+            conn.exec_driver_sql(
+                "INSERT INTO queue_position_snapshots (order_id, account, market_ticker, "
+                f"queue_position, captured_at) SELECT order_id, account, market_ticker, "
+                f"queue_position + {ahead}, captured_at - interval '{days} days' "
+                "FROM queue_position_snapshots ORDER BY order_id, captured_at DESC LIMIT 1"
+            )
     rows = count(db, "SELECT count(*) FROM queue_position_snapshots")
     result = run(["prune", "--snapshots-older-than", "90d"], live_simulator.env, tmp_path)
     assert result.returncode == 0, result.stderr

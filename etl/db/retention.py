@@ -1,8 +1,9 @@
 """Retention: delete old queue-position snapshots in bounded batches.
 
-A row goes when it was captured before the cutoff *and* a later row of the same order exists:
-each order's latest row stays whatever its age (it is the order's position as of the last
-poll, or its closing row). Batches walk ``(captured_at, order_id)`` upward through an index,
+A row goes when it was captured before the cutoff *and* a later row of the same order, also
+captured at or before the cutoff, exists: each order's newest row at or before the cutoff
+stays, whatever its age, because it gives the order's position from the cutoff up to its next
+row (and each order's latest row stays: its position as of the last poll, or its closing row). Batches walk ``(captured_at, order_id)`` upward through an index,
 one short transaction each, so a prune of years of history neither holds long locks nor
 rereads what it kept, and a concurrent poll is never blocked for long.
 """
@@ -37,6 +38,7 @@ _BATCH_SQL = sa.text(
           AND EXISTS (
               SELECT 1 FROM queue_position_snapshots later
               WHERE later.order_id = s.order_id AND later.captured_at > s.captured_at
+                AND later.captured_at <= :cutoff
           )
         RETURNING 1
     ), last AS (
@@ -52,12 +54,13 @@ _BATCH_SQL = sa.text(
 @dataclass(frozen=True)
 class PruneResult:
     deleted: int
-    kept_old: int  # rows older than the cutoff kept because each is its order's latest
+    kept_old: int  # rows older than the cutoff kept: each is its order's newest at the cutoff
     batches: int
 
 
 def prune_snapshots(engine: Engine, *, older_than: datetime, batch: int = BATCH) -> PruneResult:
-    """Delete the snapshots captured before ``older_than`` that a later row supersedes."""
+    """Delete the snapshots captured before ``older_than`` that a later row, itself captured
+    at or before ``older_than``, supersedes: every position inside the kept span stays known."""
     after_at, after_id = datetime.min.replace(tzinfo=older_than.tzinfo), ""
     deleted = seen = batches = 0
     while True:

@@ -247,8 +247,10 @@ def test_prune_deletes_old_rows_in_batches_and_keeps_each_orders_latest(db, clie
     result = prune_snapshots(db, older_than=NOW - timedelta(days=90), batch=7)
 
     assert result.batches > 2  # bounded batches, not one statement
-    assert result.deleted == 5  # the first rows of the four movers, and mover 0's second
-    assert count(db, "SELECT count(*) FROM queue_position_snapshots") == before - 5
+    # The first rows of the four movers; mover 0's second row (old + 1 day) stays: it is its
+    # position from the cutoff until the recent row.
+    assert result.deleted == 4
+    assert count(db, "SELECT count(*) FROM queue_position_snapshots") == before - 4
     assert latest_positions(db) == latest_before
     assert (
         count(
@@ -256,7 +258,36 @@ def test_prune_deletes_old_rows_in_batches_and_keeps_each_orders_latest(db, clie
             "SELECT count(*) FROM (SELECT order_id FROM queue_position_snapshots "
             "GROUP BY order_id HAVING count(*) > 1) AS several",
         )
-        == 0
+        == 1
     )
     again = prune_snapshots(db, older_than=NOW - timedelta(days=90), batch=7)
     assert again.deleted == 0
+
+
+def position_at(db, order_id: str, at: datetime) -> object:
+    with db.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT queue_position FROM queue_position_intervals WHERE order_id = :id "
+                "AND valid_from <= :at AND (valid_to IS NULL OR valid_to > :at)"
+            ),
+            {"id": order_id, "at": at},
+        ).scalar_one_or_none()
+
+
+def test_prune_keeps_the_row_that_gives_a_position_inside_the_kept_span(db, client, exchange):
+    sync_orders(db, client, account=ACCOUNT)
+    mover = exchange.resting_ids()[0]
+    poll_queue_positions(db, client, account=ACCOUNT, clock=lambda: NOW - timedelta(days=200))
+    exchange.move_queue(mover, +1)
+    poll_queue_positions(db, client, account=ACCOUNT, clock=lambda: NOW - timedelta(days=120))
+    exchange.move_queue(mover, +1)
+    poll_queue_positions(db, client, account=ACCOUNT, clock=lambda: NOW - timedelta(days=10))
+    inside = NOW - timedelta(days=60)  # within the 90 days kept, before the recent row
+    known = position_at(db, mover, inside)
+    assert known is not None
+
+    result = prune_snapshots(db, older_than=NOW - timedelta(days=90))
+
+    assert result.deleted == 1  # the 200-day-old row: the 120-day-old one holds at the cutoff
+    assert position_at(db, mover, inside) == known
