@@ -5,11 +5,12 @@ however large the account): the orders that parsed, and the records that did not
 comparison is then a few set-based queries:
 
 - **missing**: listed, not in ``orders``;
-- **stale**: stored, but the listing has a newer version (a later ``last_update_time``, or an
-  equal one whose payload differs from every listed version), or it is stored for another
-  account. A version the ``user_orders`` stream wrote (its payload is the message, not the
-  REST record) is current when its time and every field the channel carries equal a listed
-  version's;
+- **stale**: stored, but the listing's newest version would replace it by the merge's own
+  rule (:func:`etl.db.upsert.replaces_sql`: later at the coarser precision, or as recent,
+  different and not behind), or it is stored for another account name. A version the
+  ``user_orders`` stream wrote (its payload is the message, not the REST record) is current
+  when its time and every field the channel carries equal the listed version's. A repair
+  writes exactly these versions, so it always converges;
 - **extra**: stored for the account, not listed, and first written before the listing began
   (an order a running daemon wrote meanwhile is not counted);
 - **unrecorded**: a listed record the parser rejects whose payload ``rejected_records`` lacks.
@@ -29,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from etl.db.engine import driver_cursor
-from etl.db.upsert import ORDER_COLUMNS, rejected_payload
+from etl.db.upsert import ORDER_COLUMNS, rejected_payload, replaces_sql, same_time_sql
 from etl.kalshi.parse import STREAM_LACKS, Order, Rejected
 
 _LISTED = "kalshi_etl_listed"
@@ -106,8 +107,12 @@ def add_to_listing(
         )
 
 
+# Each listed order's newest version: what a repair writes. At equal times, the one further
+# along (an order listed twice while it changed within a second).
 _NEWEST = f"""
-    SELECT order_id, max(last_update_time) AS newest FROM {_LISTED} GROUP BY order_id
+    SELECT DISTINCT ON (order_id) * FROM {_LISTED}
+    ORDER BY order_id, last_update_time DESC NULLS LAST, coalesce(fill_count_fp, 0) DESC,
+             status IN ('executed', 'canceled') DESC
 """
 
 # A listed record the parser rejected whose payload rejected_records does not hold.
@@ -119,7 +124,7 @@ _UNRECORDED = f"""
 """
 
 _SAME_CARRIED = (
-    f"({', '.join('v.' + c for c in _CARRIED)}) IS NOT DISTINCT FROM "
+    f"({', '.join('l.' + c for c in _CARRIED)}) IS NOT DISTINCT FROM "
     f"({', '.join('o.' + c for c in _CARRIED)})"
 )
 
@@ -131,13 +136,9 @@ _QUERIES = {
     "stale": f"""
         SELECT l.order_id FROM ({_NEWEST}) l JOIN orders o ON o.order_id = l.order_id
         WHERE o.account <> :account
-           OR l.newest > o.last_update_time
-           OR (o.last_update_time IS NULL AND l.newest IS NOT NULL)
-           OR (l.newest IS NOT DISTINCT FROM o.last_update_time AND NOT EXISTS (
-                SELECT 1 FROM {_LISTED} v
-                WHERE v.order_id = l.order_id
-                  AND v.last_update_time IS NOT DISTINCT FROM l.newest
-                  AND (v.raw = o.raw OR (o.raw ? 'created_ts_ms' AND {_SAME_CARRIED}))))
+           OR ({replaces_sql("l", "o", stream=False)}
+               AND NOT (o.raw ? 'created_ts_ms' AND {same_time_sql("l", "o")}
+                        AND {_SAME_CARRIED}))
     """,
     "extra": f"""
         SELECT o.order_id FROM orders o
@@ -194,10 +195,10 @@ def listed_versions(
         rows = conn.execute(
             sa.text(
                 f"""
-                SELECT DISTINCT ON (l.order_id) l.order_id, l.raw
-                FROM {_REPAIR} w JOIN {_LISTED} l ON l.order_id = w.order_id
+                SELECT l.order_id, l.raw
+                FROM {_REPAIR} w JOIN ({_NEWEST}) l ON l.order_id = w.order_id
                 WHERE w.order_id > :after
-                ORDER BY l.order_id, l.last_update_time DESC NULLS LAST
+                ORDER BY l.order_id
                 LIMIT :batch
                 """
             ),

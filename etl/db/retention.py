@@ -3,8 +3,9 @@
 A row goes when it was captured before the cutoff *and* a later row of the same order, also
 captured at or before the cutoff, exists: each order's newest row at or before the cutoff
 stays, whatever its age, because it gives the order's position from the cutoff up to its next
-row (and each order's latest row stays: its position as of the last poll, or its closing row). Batches walk ``(captured_at, order_id)`` upward through an index,
-one short transaction each, so a prune of years of history neither holds long locks nor
+row (and each order's latest row stays: its position as of the last poll, or its closing
+row). Batches walk ``(captured_at, order_id)`` upward through an index, one short transaction
+each, so a prune of years of history neither holds long locks nor
 rereads what it kept, and a concurrent poll is never blocked for long.
 """
 

@@ -2,11 +2,12 @@
 
 Orders go through ``COPY`` into a session-local staging table, then one guarded
 ``INSERT … SELECT … ON CONFLICT (order_id) DO UPDATE … WHERE``: a stored order is replaced only
-by a newer ``last_update_time``, or an equal one with different content, so a replay writes
-nothing (no dead tuples). An account's first load, whose orders are not stored yet, COPYs
-straight into ``orders`` instead (:func:`copy_new_orders`, about 30% less of PostgreSQL's CPU)
-and turns to the merge at the first order it finds stored. Rejected payloads are inserted into
-``rejected_records``.
+by a newer ``last_update_time`` (at the coarser precision of the two), or an equal one with
+different content that is not behind it (:func:`replaces_sql`), so a replay writes nothing
+(no dead tuples) and an order never goes back. An account's first load, whose orders are not
+stored yet, COPYs straight into ``orders`` instead (:func:`copy_new_orders`, about 30% less of
+PostgreSQL's CPU) and turns to the merge at the first order it finds stored. Rejected payloads
+are inserted into ``rejected_records``.
 
 The parser screens every value against its column, so PostgreSQL should refuse nothing; as a
 safety net, :func:`refusal_safe` writes a batch that failed on its data again one record at a time
@@ -31,7 +32,6 @@ from sqlalchemy.engine import Connection
 from etl.db.engine import driver_cursor
 from etl.db.models import rejected_records
 from etl.kalshi.parse import (
-    STREAM_LACKS,
     Order,
     QueuePosition,
     Rejected,
@@ -51,38 +51,85 @@ _UPDATABLE = [c for c in _STAGED if c != "order_id"]
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
-def _merge_sql(*, stream: bool) -> str:
-    """The guarded merge of the staged rows.
+_CLOSED = "('executed', 'canceled')"
 
-    REST versions (``stream=False``) replace a stored version that is older, or as old with
-    different content. Stream versions (``user_order`` messages) replace an older one, or one
-    as old only when that one came from the stream too (its ``raw`` has ``created_ts_ms``): at
-    equal times the REST version, which carries every field, is the one kept. A stream version
-    keeps the stored values of the fields the channel does not carry (:data:`STREAM_LACKS`).
+
+def _at(alias: str, *, new: str, old: str) -> str:
+    """``alias``'s ``last_update_time`` at the coarser precision of ``new``'s and ``old``'s:
+    whole seconds when either has no fraction of a second (REST's), else as stored."""
+    whole = " OR ".join(
+        f"date_trunc('second', {x}.last_update_time) = {x}.last_update_time" for x in (new, old)
+    )
+    time = f"{alias}.last_update_time"
+    return f"(CASE WHEN {whole} THEN date_trunc('second', {time}) ELSE {time} END)"
+
+
+def same_time_sql(new: str, old: str) -> str:
+    """The SQL condition: versions ``new`` and ``old`` are as recent, at the coarser
+    precision of the two (both without a time counts too)."""
+    return f"{_at(new, new=new, old=old)} IS NOT DISTINCT FROM {_at(old, new=new, old=old)}"
+
+
+def replaces_sql(new: str, old: str, *, stream: bool) -> str:
+    """The SQL condition under which the version ``new`` (a table alias, or ``EXCLUDED``)
+    replaces the stored version ``old`` of the same order: the one rule of the merge, which
+    ``verify`` applies too, so that what it calls stale is what a repair rewrites.
+
+    - Times compare at the coarser precision of the two: a REST ``last_update_time`` in whole
+      seconds and a ``user_order`` stamped in milliseconds within that second are a tie.
+    - The later time wins.
+    - At a tie, an identical payload writes nothing; otherwise the version further along wins
+      (more filled, or closed over resting: an order never goes back); at equal progress a
+      REST version (``stream=False``) replaces, and a stream version replaces only a version
+      that came from the stream too (its ``raw`` has ``created_ts_ms``): REST carries every
+      field.
+    """
+
+    def progress(alias: str) -> str:
+        return f"(coalesce({alias}.fill_count_fp, 0), {alias}.status IN {_CLOSED})"
+
+    tie = f" AND {old}.raw ? 'created_ts_ms'" if stream else ""
+    return f"""(
+        ({old}.last_update_time IS NULL AND {new}.last_update_time IS NOT NULL)
+        OR {_at(new, new=new, old=old)} > {_at(old, new=new, old=old)}
+        OR ({same_time_sql(new, old)}
+            AND {new}.raw IS DISTINCT FROM {old}.raw
+            AND ({progress(new)} > {progress(old)}
+                 OR ({progress(new)} = {progress(old)}{tie})))
+    )"""
+
+
+def _merge_sql(*, stream: bool, claim: bool = False) -> str:
+    """The guarded merge of the staged rows (see :func:`replaces_sql` for which version
+    wins). A stream version keeps every stored value the message did not carry: the fields
+    the channel never sends (:data:`STREAM_LACKS`) and the optional ones a message may leave
+    out (``subaccount_number``, ``order_group_id``, ``expiration_ts_ms``, ...).
+
+    ``claim`` (a repair by ``verify``): a stored order of another account name is rewritten
+    as this account's, whatever its version, so that a repair always converges.
     """
     assignments = ", ".join(
-        f"{c} = COALESCE(EXCLUDED.{c}, o.{c})"
-        if stream and c in STREAM_LACKS
-        else f"{c} = EXCLUDED.{c}"
+        f"{c} = COALESCE(EXCLUDED.{c}, o.{c})" if stream and c != "raw" else f"{c} = EXCLUDED.{c}"
         for c in _UPDATABLE
     )
-    tie = "AND o.raw ? 'created_ts_ms'" if stream else ""
+    claimed = "OR o.account IS DISTINCT FROM EXCLUDED.account" if claim else ""
     return f"""
 WITH merged AS (
     INSERT INTO orders AS o ({", ".join(_STAGED)}, first_synced_at, synced_at)
     SELECT {", ".join(_STAGED)}, %(at)s, %(at)s FROM {_STAGE} ORDER BY order_id COLLATE "C"
     ON CONFLICT (order_id) DO UPDATE SET {assignments}, synced_at = EXCLUDED.synced_at
-    WHERE EXCLUDED.last_update_time > o.last_update_time
-       OR (o.last_update_time IS NULL AND EXCLUDED.last_update_time IS NOT NULL)
-       OR (EXCLUDED.last_update_time IS NOT DISTINCT FROM o.last_update_time
-           AND EXCLUDED.raw IS DISTINCT FROM o.raw {tie})
+    WHERE {replaces_sql("EXCLUDED", "o", stream=stream)} {claimed}
     RETURNING (xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged
 """
 
 
-_MERGE_SQL = {stream: _merge_sql(stream=stream) for stream in (False, True)}
+_MERGE_SQL = {
+    (stream, claim): _merge_sql(stream=stream, claim=claim)
+    for stream in (False, True)
+    for claim in (False, True)
+}
 
 
 @dataclass(frozen=True)
@@ -163,10 +210,12 @@ def upsert_orders(
     account: str,
     synced_at: datetime,
     from_stream: bool = False,
+    claim: bool = False,
 ) -> Counts:
     """Write ``records`` (orders of ``account``) into ``orders``, newest version wins; return
     what happened. ``from_stream``: the records are ``user_order`` messages (see
-    :func:`_merge_sql` for how they merge with REST versions).
+    :func:`_merge_sql` for how they merge with REST versions); ``claim``: a repair, which
+    also moves an order stored under another account name to ``account``.
 
     ``fetched`` counts every record given (duplicates included); ``unchanged`` is what the
     guard left alone, duplicates within the batch included.
@@ -184,7 +233,7 @@ def upsert_orders(
         cur.execute(f"TRUNCATE {_STAGE}")
         with cur.copy(f"COPY {_STAGE} ({', '.join(_STAGED)}) FROM STDIN") as copy:
             _copy_orders(copy, batch, account)
-        cur.execute(_MERGE_SQL[from_stream], {"at": synced_at})
+        cur.execute(_MERGE_SQL[from_stream, claim], {"at": synced_at})
         row = cur.fetchone()
     assert row is not None
     inserted, updated = int(row[0]), int(row[1])

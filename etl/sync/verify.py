@@ -126,7 +126,7 @@ def _repair(engine: Engine, conn: Connection, account: str, lock_wait: float) ->
         for raws in listed_versions(conn, account=account):
             orders = [o for o in map(parse_order, raws) if isinstance(o, Order)]
             with run.transaction() as tx:
-                counts = upsert_orders(tx, orders, account=account, synced_at=utcnow())
+                counts = upsert_orders(tx, orders, account=account, synced_at=utcnow(), claim=True)
                 add_to_run(tx, run.run_id, counts)
             total += counts
         bad = unrecorded_rejects(conn)

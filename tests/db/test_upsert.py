@@ -352,3 +352,55 @@ def test_a_first_load_copy_keeps_the_newest_of_duplicates_in_one_batch(db):
         counts = copy_new_orders(conn, [newer, order("o1")], account=ACCOUNT, synced_at=T0)
     assert counts == Counts(fetched=2, inserted=1, unchanged=1)
     assert stored(db).status == "canceled"
+
+
+def test_a_stream_version_keeps_every_stored_value_the_message_did_not_carry(db):
+    write(
+        db,
+        order(
+            subaccount_number=3,
+            order_group_id="grp-1",
+            self_trade_prevention_type="maker",
+            expiration_time="2026-02-01T00:00:00Z",
+        ),
+    )
+    # A message without any optional field: subaccount_number, order_group_id,
+    # expiration_ts_ms, self_trade_prevention_type are all absent.
+    assert write_streamed(db, message(updated_ms=S10 + 5_000, fill="1.00")).updated == 1
+    with db.connect() as conn:
+        row = conn.execute(
+            sa.text(
+                "SELECT fill_count_fp, subaccount_number, order_group_id, "
+                "self_trade_prevention_type, expiration_time FROM orders"
+            )
+        ).one()
+    assert str(row.fill_count_fp) == "1.00"
+    assert row.subaccount_number == 3
+    assert row.order_group_id == "grp-1"
+    assert row.self_trade_prevention_type == "maker"
+    assert row.expiration_time == datetime(2026, 2, 1, tzinfo=UTC)
+
+
+def test_a_rest_version_in_whole_seconds_replaces_a_stream_version_behind_it_in_that_second(db):
+    # The stream saw a partial fill at 00:00:10.700; REST, whose times have whole seconds,
+    # has the order executed at 00:00:10: the later state, in the same second.
+    write_streamed(db, message(updated_ms=S10 + 700, fill="1.00"))
+    full = order(status="executed", fill_count=5, remaining_count=0)
+    assert write(db, full).updated == 1
+    row = stored(db)
+    assert (row.status, row.fill_count) == ("executed", 5)
+    assert write(db, full).unchanged == 1  # and it stays
+
+
+def test_at_a_tie_in_the_coarser_precision_the_version_further_along_stays(db):
+    # The stream's executed version at 00:00:10.300 is further along than REST's resting
+    # version stamped 00:00:10: REST does not take it back.
+    write_streamed(db, message(updated_ms=S10 + 300, fill="5.00", status="executed"))
+    assert write(db, order(fill_count=0)).unchanged == 1
+    assert stored(db).status == "executed"
+    # Nor does a REST version behind another REST version in the same second.
+    with db.begin() as conn:
+        conn.execute(sa.text("TRUNCATE orders"))
+    write(db, order(status="canceled", fill_count=2))
+    assert write(db, order(fill_count=2)).unchanged == 1
+    assert stored(db).status == "canceled"

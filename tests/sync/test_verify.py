@@ -128,7 +128,9 @@ def test_a_version_from_the_stream_is_current_when_every_field_it_carries_agrees
         exchange.order(same).render_user_order(),
         exchange.order(changed).render_user_order(),
     ]
-    messages[1]["fill_count_fp"] = "99.00"  # what no listed version says
+    # What no listed version says, and not further along (a fill would be: see
+    # test_a_rest_version_in_whole_seconds_replaces_a_stream_version_behind_it_in_that_second)
+    messages[1]["remaining_count_fp"] = "99.00"
     streamed = [o for o in map(parse_user_order, messages) if isinstance(o, Order)]
     assert len(streamed) == 2
     with db.begin() as conn:  # as if the stream had written these two first
@@ -140,3 +142,36 @@ def test_a_version_from_the_stream_is_current_when_every_field_it_carries_agrees
     result = verify_orders(db, client, account=ACCOUNT)
     assert result.before.counts == {"missing": 0, "stale": 1, "extra": 0, "unrecorded": 0}
     assert result.before.examples["stale"] == [changed]
+
+
+def test_verify_sees_a_fill_the_stream_missed_within_the_same_second_and_a_repair_converges(
+    db, client, exchange
+):
+    target = exchange.resting_ids()[0]
+    rest = exchange.order(target)
+    rest.updated = rest.updated.replace(microsecond=0)  # REST's times in whole seconds
+    sync_orders(db, client, account=ACCOUNT)
+    # The stream wrote a version 700 ms into that second, still resting, over REST's.
+    message = rest.render_user_order()
+    message["last_updated_ts_ms"] += 700
+    streamed = parse_user_order(message)
+    assert isinstance(streamed, Order)
+    with db.begin() as conn:
+        conn.execute(sa.text("DELETE FROM orders WHERE order_id = :id"), {"id": target})
+        upsert_orders(conn, [streamed], account=ACCOUNT, synced_at=NOW, from_stream=True)
+    # The exchange filled the order in that same second: REST lists it executed.
+    rest.filled = rest.initial
+    rest.status = "executed"
+
+    result = verify_orders(db, client, account=ACCOUNT)
+    assert result.before.counts["stale"] == 1
+    assert result.before.examples["stale"] == [target]
+
+    repaired = verify_orders(db, client, account=ACCOUNT, repair=True)
+    assert repaired.after is not None and repaired.after.equal
+    assert verify_orders(db, client, account=ACCOUNT).equal
+    with db.connect() as conn:
+        status = conn.execute(
+            sa.text("SELECT status FROM orders WHERE order_id = :id"), {"id": target}
+        ).scalar_one()
+    assert status == "executed"
