@@ -48,10 +48,19 @@ from etl.db.engine import (
     libpq_url,
     mask,
     psql_executable,
+    transaction,
 )
 from etl.db.models import orders, queue_position_snapshots, rejected_records, sync_runs, sync_state
 from etl.db.state import LIVE_STREAM, stream_health
-from etl.errors import ApiStatusError, ApiTransportError, ConfigError, EtlError, StopRequested
+from etl.errors import (
+    ApiStatusError,
+    ApiTransportError,
+    ConfigError,
+    DatabaseUnavailable,
+    EtlError,
+    LockBusyError,
+    StopRequested,
+)
 from etl.kalshi.auth import (
     KalshiAuth,
     load_private_key,
@@ -195,6 +204,19 @@ def chosen_accounts(settings: Settings, name: str | None = None) -> tuple[Accoun
     )
 
 
+def claim_accounts(
+    engine: Engine, accounts: Sequence[Account], *, allow_simulated: bool = False
+) -> None:
+    """Before a command writes: each key is synced under one name only, and a simulator key
+    never writes beside a real account's data (unless ``--allow-simulated``)."""
+    from etl.db.accounts import Claim, claim_keys
+
+    with transaction(engine) as conn:
+        claim_keys(
+            conn, [Claim(a.name, a.key_id) for a in accounts], allow_simulated=allow_simulated
+        )
+
+
 def open_client(
     account: Account, settings: Settings, *, cancel: threading.Event | None = None
 ) -> KalshiClient:
@@ -256,6 +278,7 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     accounts = chosen_accounts(settings, args.account)
     clients = [open_client(account, settings) for account in accounts]  # every key, up front
     engine = open_engine(settings, migrate=True)
+    claim_accounts(engine, accounts, allow_simulated=args.allow_simulated)
     failed = 0
     for account, client in zip(accounts, clients, strict=True):
         with client:
@@ -385,6 +408,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     accounts = chosen_accounts(settings, args.account)
     clients = [open_client(account, settings) for account in accounts]
     engine = open_engine(settings, migrate=True)
+    claim_accounts(engine, accounts, allow_simulated=args.allow_simulated)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -438,8 +462,34 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     accounts = chosen_accounts(settings)
     clients = {a.name: open_client(a, settings, cancel=stop) for a in accounts}
-    engine = open_engine(settings, migrate=True)
     realtime = bool(args.realtime or settings.realtime)
+    # While the stream is up, REST is the safety net and runs less often; the readiness of
+    # the orders job is judged against that longer interval.
+    rest_every = max(args.orders_every, args.realtime_rest_every) if realtime else args.orders_every
+    intervals = {"orders": rest_every, "queue_positions": args.queue_every}
+    port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    liveness = Liveness()
+    server = None
+    readiness = Readiness(
+        None,
+        {(a.name, stream): every for a in accounts for stream, every in intervals.items()},
+        links=[a.name for a in accounts] if realtime else [],
+    )
+    if port is not None:
+        server = OperatorServer(args.metrics_host, port, liveness=liveness, readiness=readiness)
+        server.start()
+    try:
+        engine = wait_for_database(settings, stop, on_wait=liveness.beat)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    if engine is None:  # stopped while waiting
+        if server is not None:
+            server.stop()
+        return 0
+    readiness.engine = engine
+    claim_accounts(engine, accounts, allow_simulated=args.allow_simulated)
     streams = {
         a.name: RealtimeOrders(
             engine,
@@ -452,21 +502,6 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         for a in accounts
         if realtime
     }
-    # While the stream is up, REST is the safety net and runs less often; the readiness of
-    # the orders job is judged against that longer interval.
-    rest_every = max(args.orders_every, args.realtime_rest_every) if realtime else args.orders_every
-    intervals = {"orders": rest_every, "queue_positions": args.queue_every}
-    port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
-    liveness = Liveness()
-    server = None
-    if port is not None:
-        readiness = Readiness(
-            engine,
-            {(a.name, stream): every for a in accounts for stream, every in intervals.items()},
-            links=list(streams),
-        )
-        server = OperatorServer(args.metrics_host, port, liveness=liveness, readiness=readiness)
-        server.start()
     names = ", ".join(a.name for a in accounts)
     log.info(
         "daemon for %s %s%s; Ctrl-C or SIGTERM stops it",
@@ -527,12 +562,65 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
             server.stop()
 
 
+def wait_for_database(
+    settings: Settings,
+    stop: threading.Event,
+    *,
+    on_wait: Callable[[], None] | None = None,
+    max_delay: float = 30.0,
+) -> Engine | None:
+    """The daemon's start: open (and migrate) the database, waiting for it as long as it does
+    not answer (a reboot, a failover: the service must come up by itself, not stay dead),
+    with a backoff from 1 s up to ``max_delay``. A failure is logged when its message is new,
+    and again every 5 minutes while it lasts; SIGINT/SIGTERM end the wait (``None``).
+
+    Raises:
+        ConfigError: a configuration error, which waiting cannot fix (a bad URL).
+    """
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    delay, said, said_at, since = 1.0, "", 0.0, time.monotonic()
+    try:
+        while not stop.is_set():
+            try:
+                engine = open_engine(settings, migrate=True)
+            except DatabaseUnavailable as exc:
+                now = time.monotonic()
+                if str(exc) != said or now - said_at >= 300:
+                    log.warning(
+                        "%s; waiting for it (tried for %.0fs; retrying with a backoff up to "
+                        "%.0fs, /readyz answers 503 meanwhile)",
+                        exc,
+                        now - since,
+                        max_delay,
+                    )
+                    said, said_at = str(exc), now
+                deadline = now + delay
+                while not stop.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+                    if on_wait is not None:
+                        on_wait()
+                    if time.monotonic() >= deadline:
+                        break
+                delay = min(max_delay, delay * 2)
+                continue
+            if said:
+                log.info("the database answers, after %.0fs", time.monotonic() - since)
+            return engine
+        return None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from etl.sync.verify import verify_orders
 
     accounts = chosen_accounts(settings, args.account)
     clients = [open_client(account, settings) for account in accounts]
     engine = open_engine(settings, migrate=True)
+    claim_accounts(engine, accounts, allow_simulated=args.allow_simulated)
     differing = 0
     for account, client in zip(accounts, clients, strict=True):
         with client:
@@ -590,6 +678,33 @@ def verify_lines(result: VerifyResult) -> list[str]:
     else:
         lines.append("  DIFFERENT" + ("" if result.repaired else " (--repair writes what differs)"))
     return lines
+
+
+def cmd_accounts_rename(args: argparse.Namespace, settings: Settings) -> int:
+    """Move every row of account OLD to NEW in one transaction, under both names' locks."""
+    from etl.db.accounts import rename_account
+    from etl.db.engine import stream_lock
+
+    engine = open_engine(settings, migrate=True)
+    with contextlib.ExitStack() as locks:
+        for name in (args.old, args.new):
+            for stream in ("orders", "queue_positions"):
+                try:
+                    locks.enter_context(stream_lock(engine, name, stream, wait=0))
+                except LockBusyError as exc:
+                    raise ConfigError(
+                        f"accounts rename: {exc}; stop the daemon (and any sync) of {name} first"
+                    ) from None
+        with transaction(engine) as conn:
+            moved = rename_account(conn, args.old, args.new)
+    total = sum(moved.values())
+    detail = ", ".join(f"{table} {n}" for table, n in moved.items() if n)
+    print(f"renamed account {args.old} to {args.new}: {total} rows ({detail})")
+    return 0
+
+
+def cmd_accounts_help(args: argparse.Namespace, settings: Settings) -> int:
+    raise ConfigError("accounts: give a subcommand, e.g. kalshi-etl accounts rename OLD NEW")
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
@@ -841,6 +956,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         if simulator is not None:
             demo.reset_simulated_data(engine)
         [account] = chosen_accounts(settings)[:1]
+        claim_accounts(engine, [account], allow_simulated=simulator is not None)
         with open_client(account, settings) as client:
             for line in demo.run(
                 engine,
@@ -960,7 +1076,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def allow_simulated(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--allow-simulated",
+            action="store_true",
+            help="write the simulator's data (a sim- key) even into a database that holds a "
+            "real account's",
+        )
+
     p = add_for_accounts("sync", cmd_sync, "one incremental pass: orders, then queue positions")
+    allow_simulated(p)
     p.add_argument(
         "--orders",
         action=argparse.BooleanOptionalAction,
@@ -977,6 +1102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_for_accounts(
         "backfill", cmd_backfill, "one-off resumable load of every order in [since, until)"
     )
+    allow_simulated(p)
     p.add_argument("--since", required=True, help="ISO-8601 time or Unix seconds")
     p.add_argument("--until", help="ISO-8601 time or Unix seconds (default: now)")
     p.add_argument(
@@ -990,6 +1116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("daemon", cmd_daemon, "sync on a schedule until SIGINT/SIGTERM")
+    allow_simulated(p)
     p.add_argument(
         "--orders-every", type=_duration, default="30s", help="orders sync interval (default 30s)"
     )
@@ -1058,12 +1185,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the API's version of every missing or stale order",
     )
+    allow_simulated(p)
     p.add_argument(
         "--examples",
         type=_number(int, 0, 10_000),
         default=5,
         help="order ids listed per kind of difference (default 5)",
     )
+
+    p = add("accounts", cmd_accounts_help, "manage account names in the database")
+    accounts_sub = p.add_subparsers(
+        dest="accounts_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser
+    )
+    p = accounts_sub.add_parser(
+        "rename",
+        parents=[common],
+        help="move every row of account OLD to the name NEW (one transaction)",
+        description="Move every row of account OLD to the name NEW, in every table with an "
+        "account column, in one transaction: for a key first synced under another name (the "
+        "key id, before an accounts file). Stop the daemon first.",
+    )
+    p.add_argument("old", metavar="OLD")
+    p.add_argument("new", metavar="NEW")
+    p.set_defaults(func=cmd_accounts_rename)
 
     p = add("psql", cmd_psql, "open psql on the database (the embedded one included)")
     p.set_defaults(psql_args=[])

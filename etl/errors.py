@@ -40,6 +40,11 @@ class DatabaseError(EtlError):
     exit_code = 2
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database did not answer a connection attempt (down, starting, unreachable, or
+    refusing the login): other commands exit 2 on it; the daemon waits and tries again."""
+
+
 class LockBusyError(EtlError):
     """Another process holds the sync lock of this account and stream."""
 

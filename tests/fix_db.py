@@ -103,10 +103,15 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def db(engine: Engine) -> Engine:
-    """The session's engine, with every table emptied before the test."""
+def empty_tables(engine: Engine) -> None:
+    """Empty every table of the schema."""
     names = ", ".join(t.name for t in metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY"))
+
+
+@pytest.fixture
+def db(engine: Engine) -> Engine:
+    """The session's engine, with every table emptied before the test."""
+    empty_tables(engine)
     return engine

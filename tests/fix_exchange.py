@@ -16,12 +16,15 @@ from typing import Any, Literal
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy.pool import NullPool
 
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient, RetryPolicy
 from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import generate_key, key_id, private_pem
+from tests.fix_db import empty_tables
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 BASE = "http://simulator.test/trade-api/v2"
@@ -114,7 +117,9 @@ class LiveSimulator:
 def live_simulator(
     app: SimulatorApp, private_key: rsa.RSAPrivateKey, key_file: Path, database_url: str
 ) -> Iterator[LiveSimulator]:
-    """``app`` served over real HTTP on loopback, with the environment a CLI process needs."""
+    """``app`` served over real HTTP on loopback, with the environment a CLI process needs,
+    on emptied tables (the simulator's key refuses a database holding other accounts)."""
+    empty_database(database_url)
     server = serve(app)
     host, port = server.server_address[0], server.server_address[1]
     base = f"http://{host!s}:{port}/trade-api/v2"
@@ -135,6 +140,15 @@ def live_simulator(
 
 
 CLI = [sys.executable, "-m", "etl"]
+
+
+def empty_database(database_url: str) -> None:
+    """Empty every table of the test database at ``database_url``."""
+    engine = sa.create_engine(database_url, poolclass=NullPool)
+    try:
+        empty_tables(engine)
+    finally:
+        engine.dispose()
 
 
 def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -229,6 +243,7 @@ class LiveAccounts:
 def serve_accounts(
     accounts: list[SimAccount], folder: Path, database_url: str, **options: Any
 ) -> Iterator[LiveAccounts]:
+    empty_database(database_url)
     app = accounts_app(accounts, **options)
     server = serve(app)
     host, port = server.server_address[0], server.server_address[1]

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
-from etl.errors import ConfigError, DatabaseError, LockBusyError, LockLostError
+from etl.errors import ConfigError, DatabaseError, DatabaseUnavailable, LockBusyError, LockLostError
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ def check(engine: Engine) -> None:
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as exc:
-        raise DatabaseError(
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        raise DatabaseUnavailable(
             f"cannot connect to the database at {mask(engine.url)}: {_first_line(exc)} "
             "(check DATABASE_URL and that the server is running)"
         ) from None
