@@ -173,23 +173,66 @@ def _iso(stamp: float | None) -> str | None:
     return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
 
 
+IDLE_TIMEOUT = 5.0  # seconds a connection may sit without sending its request
+MAX_HANDLERS = 16  # connections served at once; more are closed at once
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading HTTP server with at most ``max_handlers`` handler threads: a connection
+    beyond them is closed at once, so that a flood of half-open connections cannot grow the
+    daemon's threads without bound (each also times out after ``IDLE_TIMEOUT``)."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a burst of probes is not refused
+
+    def __init__(self, address: tuple[str, int], handler: Any, *, max_handlers: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_handlers)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class OperatorServer:
-    """Serves the three endpoints on ``host:port`` (port 0 = any free port) on a thread.
+    """Serves the three endpoints on ``host:port`` (port 0 = any free port) on a thread, at
+    most ``max_handlers`` connections at once, each closed after ``idle_timeout`` seconds of
+    silence.
 
     Raises:
         ConfigError: the address cannot be bound (in use, not local, no permission).
     """
 
-    def __init__(self, host: str, port: int, *, liveness: Liveness, readiness: Readiness) -> None:
-        handler = _handler(liveness, readiness)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        liveness: Liveness,
+        readiness: Readiness,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_handlers: int = MAX_HANDLERS,
+    ) -> None:
+        handler = _handler(liveness, readiness, idle_timeout=idle_timeout)
         try:
-            self._server = ThreadingHTTPServer((host, port), handler)
+            self._server = _BoundedServer((host, port), handler, max_handlers=max_handlers)
         except OSError as exc:
             raise ConfigError(
                 f"--metrics-port: cannot listen on {host}:{port} ({exc.strerror or exc}); pick "
                 "another port (KALSHI_ETL_METRICS_PORT) or host (--metrics-host)"
             ) from None
-        self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="operator-http", daemon=True
         )
@@ -209,9 +252,12 @@ class OperatorServer:
         self._server.server_close()
 
 
-def _handler(liveness: Liveness, readiness: Readiness) -> type[BaseHTTPRequestHandler]:
+def _handler(
+    liveness: Liveness, readiness: Readiness, *, idle_timeout: float
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "kalshi-etl"
+        timeout = idle_timeout  # the socket's: a silent client is dropped
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             path = self.path.split("?", 1)[0]

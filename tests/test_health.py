@@ -299,3 +299,50 @@ def test_a_daemon_keeps_orders_and_queue_positions_equal_to_a_trading_exchange(
         proc.kill()
         server.shutdown()
         server.server_close()
+
+
+def _threads() -> int:
+    return threading.active_count()
+
+
+def test_half_open_connections_are_capped_and_timed_out_and_probes_still_answer(db):
+    readiness = Readiness(db, {})
+    liveness = Liveness()
+    server = OperatorServer("127.0.0.1", 0, liveness=liveness, readiness=readiness)
+    server.start()
+    host, port = server.address
+    before = _threads()
+    sockets = []
+    try:
+        for _ in range(200):  # connect, send nothing
+            sockets.append(socket.create_connection((host, port)))
+        time.sleep(0.5)
+        assert _threads() <= before + 16  # a handler thread per connection, up to a cap
+        wait_until(lambda: _threads() <= before, timeout=10)  # every idle one timed out
+        liveness.beat()
+        assert httpx.get(f"http://{host}:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
+
+
+def test_readyz_never_shows_the_database_user_or_host(database_url):
+    from tests.proxy import DatabaseProxy
+
+    proxy = DatabaseProxy(database_url).start()
+    url = sa.engine.make_url(proxy.proxied_url).set(username="someuser", password="s3cret")
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 2})
+    proxy.stop()  # the database goes away
+    server = OperatorServer("127.0.0.1", 0, liveness=Liveness(), readiness=Readiness(engine, {}))
+    server.start()
+    host, port = server.address
+    try:
+        answer = httpx.get(f"http://{host}:{port}/readyz", timeout=10)
+    finally:
+        server.stop()
+        engine.dispose()
+    assert answer.status_code == 503
+    assert answer.json()["database"]["ok"] is False
+    for secret in ("someuser", "s3cret", "127.0.0.1", str(proxy.port)):
+        assert secret not in answer.text
