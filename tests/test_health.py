@@ -188,7 +188,8 @@ def test_readyz_is_503_when_the_database_does_not_answer(account):
     dead = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:9/none")
     ready, body = Readiness(dead, {(account, "orders"): timedelta(seconds=1)}).check()
     assert not ready and not body["database"]["ok"]
-    assert "127.0.0.1" in body["database"]["error"]
+    assert "does not answer" in body["database"]["error"]
+    assert "127.0.0.1" not in str(body) and "postgres" not in str(body)  # no host, no user
 
 
 def test_healthz_fails_once_the_loop_stops_beating():
