@@ -110,6 +110,20 @@ STREAM_RECONNECTS = Counter(
     registry=REGISTRY,
 )
 
+STREAM_BACKLOG = Gauge(
+    "kalshi_etl_stream_backlog",
+    "user_orders messages received and not yet committed (bounded: see the dropped total).",
+    ["account"],
+    registry=REGISTRY,
+)
+STREAM_DROPPED = Counter(
+    "kalshi_etl_stream_dropped_total",
+    "user_orders messages dropped because the backlog was full (the database away); the "
+    "REST catch-up reads those orders again.",
+    ["account"],
+    registry=REGISTRY,
+)
+
 OUTCOMES = ("inserted", "updated", "unchanged", "rejected")
 
 
@@ -219,6 +233,14 @@ def stream_committed(account: str, rows: dict[str, int], lags: list[float]) -> N
     histogram = STREAM_LAG.labels(account)
     for lag in lags:
         histogram.observe(max(0.0, lag))
+
+
+def stream_backlog(account: str, waiting: int) -> None:
+    STREAM_BACKLOG.labels(account).set(waiting)
+
+
+def stream_dropped_messages(account: str, count: int = 1) -> None:
+    STREAM_DROPPED.labels(account).inc(count)
 
 
 def run_started(account: str, stream: str) -> None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # alembic is imported only when a migration runs: it costs 0.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The newest revision of the migrations (tests/db/test_migrations.py checks it is alembic's
 # head): a database already there is recognised without loading alembic at all.
-HEAD: Final = "0003"
+HEAD: Final = "0004"
 
 
 def migrations_dir() -> Path:
@@ -61,10 +61,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
-def downgrade(engine: Engine, revision: str) -> None:
+def downgrade(engine: Engine, revision: str, *, force: bool = False) -> None:
+    """``alembic downgrade``; ``force`` passes the guards that refuse to lose data (below
+    0003, more than one account)."""
     from alembic import command
 
     config = alembic_config()
+    config.attributes["force"] = force
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.downgrade(config, revision)

@@ -169,5 +169,8 @@ rejected_records = Table(
     _required("error", Text),
     _optional("payload", JSONB),
     _optional("payload_text", Text),
+    # MD5 of the payload (jsonb's text, or payload_text): a payload is kept once per stream.
+    _required("payload_md5", Text),
     Index(None, "stream", "received_at"),
+    Index(None, "stream", "payload_md5", unique=True),
 )

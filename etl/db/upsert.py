@@ -280,7 +280,8 @@ def insert_rejected(
     received_at: datetime,
     skip_known: bool = False,
 ) -> int:
-    """Keep rejected payloads with their reasons; return how many rows were written.
+    """Keep rejected payloads with their reasons; return how many rows were written. A
+    payload already kept for ``stream`` is not written again (the first reason stays).
 
     A payload ``jsonb`` cannot hold is kept as escaped text. With ``skip_known``, a rejection
     whose stream and reason are already recorded is not written again (a failure that repeats
@@ -306,9 +307,37 @@ def insert_rejected(
             ).scalars()
         )
         rows = [row for row in rows if row["error"] not in known]
-    if rows:
-        conn.execute(sa.insert(rejected_records), rows)
-    return len(rows)
+    if not rows:
+        return 0
+    result = conn.execute(
+        _REJECTED_SQL,
+        {
+            "account": account,
+            "stream": stream,
+            "received_at": received_at,
+            "errors": [row["error"] for row in rows],
+            "payloads": [
+                None if row["payload"] is None else json_text(row["payload"]) for row in rows
+            ],
+            "texts": [row["payload_text"] for row in rows],
+        },
+    )
+    return int(result.rowcount)
+
+
+# A payload already kept for the stream (the same jsonb, or the same text) writes nothing: a
+# record the API keeps serving is kept once, not once per cycle.
+_REJECTED_SQL = sa.text(
+    """
+    INSERT INTO rejected_records
+        (account, stream, received_at, error, payload, payload_text, payload_md5)
+    SELECT :account, :stream, :received_at, u.error, u.payload, u.payload_text,
+           md5(coalesce(u.payload::text, '') || chr(31) || coalesce(u.payload_text, ''))
+    FROM unnest(CAST(:errors AS text[]), CAST(CAST(:payloads AS text[]) AS jsonb[]),
+                CAST(:texts AS text[])) AS u(error, payload, payload_text)
+    ON CONFLICT (stream, payload_md5) DO NOTHING
+    """
+)
 
 
 def rejected_payload(raw: Any) -> dict[str, Any]:

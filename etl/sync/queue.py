@@ -147,13 +147,14 @@ def _write(
             return insert_snapshots(c, batch, account=run.account, captured_at=captured_at)
 
         written, refused = write_records(conn, good, write, one_by_one=one_by_one)
-        rejected = insert_rejected(
+        insert_rejected(  # kept once; counted as met, on every run that meets it
             conn,
             [*bad, *refused],
             stream=STREAM,
             account=run.account,
             received_at=captured_at,
         )
+        rejected = len(bad) + len(refused)
         closed = close_snapshots(
             conn, account=run.account, captured_at=captured_at, changed_since=closed_since
         )

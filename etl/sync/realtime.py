@@ -2,7 +2,10 @@
 
 Three threads per account:
 
-- the **stream** (:class:`~etl.kalshi.stream.OrderStream`) receives messages and queues them;
+- the **stream** (:class:`~etl.kalshi.stream.OrderStream`) receives messages and queues them
+  in a bounded inbox (:data:`INBOX_LIMIT`): while the database is away they wait there, and
+  once it is full new ones are dropped, the gap is marked and the REST catch-up that follows
+  the outage reads those orders again;
 - the **writer** commits them in micro-batches: whatever arrived while the previous batch was
   committing, at most :data:`MAX_BATCH` messages, so a change waits for at most one commit
   before its own (a few milliseconds; never more than ~50 ms at hundreds of changes a second).
@@ -47,6 +50,10 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
 MARGIN = timedelta(seconds=5)  # extra lookback before the last message, for clock skew
+# Messages kept while they cannot be written (the database away): about 3 MB. Past it they
+# are dropped, the gap is marked, and the REST catch-up reads those orders again.
+INBOX_LIMIT = 10_000
+SUMMARY_EVERY = 60.0  # seconds between the log lines of an outage that lasts
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class RealtimeOrders:
         stop: threading.Event,
         lookback: timedelta = timedelta(minutes=5),
         policy: StreamPolicy | None = None,
+        inbox_limit: int = INBOX_LIMIT,
     ) -> None:
         self.engine = engine
         self.client = client
@@ -92,7 +100,9 @@ class RealtimeOrders:
         self.stream = OrderStream(
             stream_url, auth, self, stop=stop, policy=policy or StreamPolicy()
         )
-        self._inbox: queue.Queue[tuple[Any, float]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[Any, float]] = queue.Queue(maxsize=inbox_limit)
+        self._dropped = 0  # messages dropped since the last catch-up was asked for
+        self.dropped_total = 0
         self._catch_up = threading.Event()
         self._connected = threading.Event()
         self._last_exchange_time: datetime | None = None  # newest change committed
@@ -150,7 +160,23 @@ class RealtimeOrders:
         self._catch_up.set()
 
     def message(self, body: Any, received: float) -> None:
-        self._inbox.put((body, received))
+        try:
+            self._inbox.put_nowait((body, received))
+        except queue.Full:
+            # The database has been away for long: keep memory bounded. Everything after the
+            # last change committed may now be missing: the catch-up reads it from REST.
+            if self._dropped == 0:
+                log.warning(
+                    "user_orders stream of %s: %d messages wait for the database; dropping "
+                    "new ones until it is back (the REST catch-up reads those orders again)",
+                    self.account,
+                    self._inbox.maxsize,
+                )
+            self._dropped += 1
+            self.dropped_total += 1
+            self._keep_gap(self._last_exchange_time)
+            metrics.stream_dropped_messages(self.account)
+        metrics.stream_backlog(self.account, self._inbox.qsize())
 
     def disconnected(self, reason: str) -> None:
         self._connected.clear()
@@ -169,6 +195,7 @@ class RealtimeOrders:
 
     def _write_loop(self) -> None:
         pending: list[tuple[Any, float]] = []
+        outage: _Outage | None = None
         while True:
             if not pending:
                 try:
@@ -185,21 +212,32 @@ class RealtimeOrders:
             try:
                 self.write(pending)
                 pending = []
+                metrics.stream_backlog(self.account, self._inbox.qsize())
+                if outage is not None:
+                    outage.ended(self)
+                    outage = None
+                if self._dropped:
+                    self._dropped = 0
+                    self._catch_up.set()  # what was dropped is read again from REST
             except DatabaseError as exc:
-                # Keep the batch and try again: nothing the stream delivered is dropped
-                # while the database is away (REST would find it, but later).
-                log.error(
-                    "user_orders stream of %s: %s; keeping %d messages and retrying",
-                    self.account,
-                    exc,
-                    len(pending),
-                )
+                # Keep the batch and try again: what the stream delivered waits (up to the
+                # inbox's bound) while the database is away. One line when it starts, a
+                # summary every minute it lasts, one when it ends.
+                if outage is None:
+                    outage = _Outage(exc)
+                    log.error(
+                        "user_orders stream of %s: %s; keeping the messages and retrying every "
+                        "second",
+                        self.account,
+                        exc,
+                    )
+                outage.still(self, len(pending))
                 if self.stop.wait(1.0):
                     log.warning(
                         "user_orders stream of %s: stopping with %d messages not written; "
                         "the next REST sync reads those orders again",
                         self.account,
-                        len(pending),
+                        len(pending) + self._inbox.qsize(),
                     )
                     return
                 self._catch_up.set()  # the database was away: reconcile once it is back
@@ -243,7 +281,7 @@ class RealtimeOrders:
                     ),
                     one_by_one=one_by_one,
                 )
-                written = insert_rejected(
+                insert_rejected(  # kept once; counted as met
                     conn,
                     [*rejected, *refused],
                     stream="orders",
@@ -252,7 +290,7 @@ class RealtimeOrders:
                 )
                 if newest is not None:
                     write_state(conn, self.account, LIVE_STREAM, watermark=newest)
-            return counts + Counts(rejected=written)
+            return counts + Counts(rejected=len(rejected) + len(refused))
 
         counts = refusal_safe(attempt, what="a batch of user_orders messages")
         committed = time.time()
@@ -268,13 +306,14 @@ class RealtimeOrders:
 
     def _catch_up_loop(self) -> None:
         failures = 0
+        last_error = ""
         while not self.stop.is_set():
             if not self._catch_up.wait(0.25):
                 continue
             self._catch_up.clear()
             try:
                 self.catch_up()
-                failures = 0
+                failures, last_error = 0, ""
             except StopRequested:
                 return
             except LockBusyError as exc:
@@ -283,11 +322,16 @@ class RealtimeOrders:
             except EtlError as exc:
                 failures += 1
                 delay = min(60.0, 2.0**failures)
-                log.error(
-                    "REST catch-up of %s failed: %s; trying again in %.0fs",
+                # Once per streak of the same failure (an outage is one line, not one a try).
+                repeated = str(exc) == last_error
+                last_error = str(exc)
+                log.log(
+                    logging.DEBUG if repeated else logging.ERROR,
+                    "REST catch-up of %s failed: %s; trying again in %.0fs%s",
                     self.account,
                     exc,
                     delay,
+                    "" if repeated else " (and with a backoff up to 60s while it fails)",
                 )
                 self._retry_catch_up(delay)
             except Exception as exc:  # a bug: say so; the periodic REST cycle still runs
@@ -339,6 +383,39 @@ class RealtimeOrders:
             c.fetched,
             c.inserted,
             c.updated,
+        )
+
+
+class _Outage:
+    """The database away for the stream's writer: when it began, and what to say of it."""
+
+    def __init__(self, exc: DatabaseError) -> None:
+        self.began = time.monotonic()
+        self.said = self.began
+        self.error = str(exc)
+
+    def still(self, stream: RealtimeOrders, pending: int) -> None:
+        waiting = pending + stream._inbox.qsize()
+        metrics.stream_backlog(stream.account, waiting)
+        now = time.monotonic()
+        if now - self.said >= SUMMARY_EVERY:
+            self.said = now
+            log.warning(
+                "user_orders stream of %s: the database has been away for %.0fs; %d messages "
+                "waiting, %d dropped",
+                stream.account,
+                now - self.began,
+                waiting,
+                stream.dropped_total,
+            )
+
+    def ended(self, stream: RealtimeOrders) -> None:
+        log.info(
+            "user_orders stream of %s: the database is back after %.0fs; the waiting messages "
+            "are written (%d dropped in all, read again by the REST catch-up)",
+            stream.account,
+            time.monotonic() - self.began,
+            stream.dropped_total,
         )
 
 

@@ -113,6 +113,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    _refuse_to_merge_accounts()
     op.execute("DROP VIEW queue_position_intervals")
     op.execute("DROP VIEW queue_positions_current")
     op.drop_index(op.f("ix_orders_account_status"), table_name="orders")
@@ -126,3 +127,35 @@ def downgrade() -> None:
     op.drop_column("orders", "account")
     for view in _views(account=False):
         op.execute(view)
+
+
+def _refuse_to_merge_accounts() -> None:
+    """Below this revision rows have no account: an upgrade would put every account's rows
+    under one. Refuse while more than one account has data, unless forced
+    (``KALSHI_ETL_MIGRATION_FORCE=1``, or ``force`` in the migration's config attributes)."""
+    from alembic import context
+
+    forced = context.config.attributes.get("force") or os.environ.get(
+        "KALSHI_ETL_MIGRATION_FORCE", ""
+    ).strip().lower() in ("1", "true", "yes")
+    if forced:
+        return
+    names = (
+        op.get_bind()
+        .execute(
+            sa.text(
+                "SELECT account FROM orders UNION SELECT account FROM queue_position_snapshots "
+                "UNION SELECT account FROM sync_state UNION SELECT account FROM sync_runs "
+                "ORDER BY 1"
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if len(names) > 1:
+        raise ConfigError(
+            f"downgrading below revision 0003 drops the account of every row, and "
+            f"{len(names)} accounts have rows here ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}): an upgrade would then put them all under "
+            "one; set KALSHI_ETL_MIGRATION_FORCE=1 to downgrade anyway"
+        )

@@ -125,3 +125,51 @@ def test_the_upgrade_stops_when_the_owner_of_existing_rows_is_ambiguous(
 def test_the_head_the_program_knows_is_the_newest_migration():
     """``upgrade`` skips alembic when the database is at HEAD: HEAD must be alembic's head."""
     assert migrations.HEAD == migrations.head_revision()
+
+
+def test_a_downgrade_below_accounts_is_refused_while_two_accounts_have_rows(database_server):
+    engine = sa.create_engine(database_server.create())
+    try:
+        migrations.upgrade(engine)
+        with engine.begin() as conn:
+            write_state(conn, "alpha", "orders", watermark=None)
+            write_state(conn, "beta", "orders", watermark=None)
+        with pytest.raises(ConfigError, match=r"2 accounts have rows here \(alpha, beta\)"):
+            migrations.downgrade(engine, "0002")
+        assert migrations.current_revision(engine) == migrations.head_revision()
+        migrations.downgrade(engine, "0002", force=True)
+        assert migrations.current_revision(engine) == "0002"
+    finally:
+        engine.dispose()
+
+
+def test_the_upgrade_keeps_one_row_of_each_rejected_payload_per_stream(database_server):
+    engine = sa.create_engine(database_server.create())
+    try:
+        migrations.upgrade(engine, "0003")
+        with engine.begin() as conn:  # what earlier releases wrote: a copy per cycle
+            for stream, payload in [
+                ("orders", '{"order_id": "x", "status": "teleported"}'),
+                ("orders", '{"status": "teleported", "order_id": "x"}'),  # same jsonb
+                ("orders", '{"order_id": "y"}'),
+                ("queue_positions", '{"order_id": "x", "status": "teleported"}'),
+            ]:
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO rejected_records (stream, error, payload) "
+                        "VALUES (:stream, 'bad', CAST(:payload AS jsonb))"
+                    ),
+                    {"stream": stream, "payload": payload},
+                )
+        migrations.upgrade(engine)
+        with engine.connect() as conn:
+            kept = conn.execute(
+                sa.text("SELECT id, stream FROM rejected_records ORDER BY id")
+            ).all()
+        assert [tuple(row) for row in kept] == [
+            (1, "orders"),
+            (3, "orders"),
+            (4, "queue_positions"),
+        ]
+    finally:
+        engine.dispose()

@@ -88,7 +88,7 @@ def test_a_bad_queue_entry_is_kept_aside_and_the_rest_is_written(db, client, app
             "SELECT count(*) FROM rejected_records WHERE stream = 'queue_positions' "
             "AND error <> ''",
         )
-        == result.counts.rejected
+        == 1  # the one bad entry, kept once however many subaccount calls served it
     )
     assert result.counts.inserted > 0
 

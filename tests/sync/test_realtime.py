@@ -335,3 +335,53 @@ def test_a_catch_up_reads_back_to_the_last_change_committed_before_the_drop(db, 
         if path.endswith("/portfolio/orders") and "min_ts=" in query
     ]
     assert min_ts and min_ts[0] <= before_drop.timestamp() - 5  # the margin too
+
+
+def test_while_the_database_is_away_the_inbox_stays_bounded_and_rest_covers_what_was_dropped(
+    db, database_url, live, caplog
+):
+    proxy = DatabaseProxy(database_url).start()
+    engine = create_engine(proxy.proxied_url)
+    stop = threading.Event()
+    account = f"acct-{uuid.uuid4().hex[:6]}"
+    rt = RealtimeOrders(
+        engine,
+        live.client,
+        account=account,
+        stream_url=live.url,
+        stop=stop,
+        policy=FAST,
+        inbox_limit=20,
+    )
+
+    def backlog() -> float:
+        value = metrics.REGISTRY.get_sample_value("kalshi_etl_stream_backlog", {"account": account})
+        return value or 0.0
+
+    try:
+        rt.start()
+        wait_until(lambda: rt.connected and rt.catch_ups >= 1, timeout=20)
+        catch_ups = rt.catch_ups
+        proxy.stop()
+        with caplog.at_level("INFO", logger="etl.sync.realtime"):
+            trade(live, 150, pause=0.01)
+            time.sleep(2.5)  # the writer retries each second
+            assert rt._inbox.qsize() <= 20
+            assert 0 < backlog() <= 20 + 21  # the inbox, and the batch in hand (one more)
+            assert rt.dropped_total > 0
+            dropped = metrics.REGISTRY.get_sample_value(
+                "kalshi_etl_stream_dropped_total", {"account": account}
+            )
+            assert dropped == rt.dropped_total
+            proxy.start()
+            wait_until(lambda: rt.catch_ups > catch_ups, timeout=20)
+            wait_until(lambda: stream_caught_up(db, live), timeout=15)
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and "stream of" in r.message]
+        assert len(errors) == 1, [r.message for r in errors]  # not one per retry
+        assert any("the database is back after" in r.message for r in caplog.records)
+        assert backlog() == 0
+    finally:
+        stop.set()
+        rt.join(timeout=10)
+        proxy.stop()
+        engine.dispose()
