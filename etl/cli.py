@@ -458,6 +458,7 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
     from etl.sync.realtime import RealtimeOrders
+    from etl.sync.run import is_due
 
     stop = threading.Event()
     accounts = chosen_accounts(settings)
@@ -512,8 +513,15 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         else "",
     )
 
+    # Replicas share the work: each tries a job TICKS times per interval and runs it only
+    # when no replica started it within the interval (less half a tick of slack).
+    def due(name: str, stream_name: str, every: timedelta) -> bool:
+        return is_due(engine, name, stream_name, every, slack=every / TICKS / 2)
+
     def orders_job(name: str) -> Job:
         def job(stop: threading.Event) -> None:
+            if not due(name, "orders", args.orders_every):
+                return
             stream = streams.get(name)
             if stream is not None and not stream.rest_due(rest_every):
                 return  # the stream is up and REST ran recently: the safety net can wait
@@ -531,9 +539,11 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         return job
 
     def queue_job(name: str) -> Job:
-        return lambda stop: poll_queue_positions(
-            engine, clients[name], account=name, lock_wait=0, stop=stop
-        )
+        def job(stop: threading.Event) -> None:
+            if due(name, "queue_positions", args.queue_every):
+                poll_queue_positions(engine, clients[name], account=name, lock_wait=0, stop=stop)
+
+        return job
 
     jobs: dict[str, tuple[Job, timedelta]] = {}
     for account in accounts:
@@ -551,7 +561,9 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
                 open_clients.enter_context(client)
             for stream in streams.values():
                 stream.start()
-            code = run_daemon(jobs, stop=stop, on_stuck=exit_now, on_tick=liveness.beat)
+            code = run_daemon(
+                jobs, stop=stop, on_stuck=exit_now, on_tick=liveness.beat, ticks=TICKS
+            )
             for stream in streams.values():
                 if not stream.join(timeout=5.0):
                     log.warning("the user_orders stream of %s did not stop in 5s", stream.account)
@@ -612,6 +624,7 @@ def wait_for_database(
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TICKS = 4  # how often per interval the daemon tries each job (see is_due)
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:

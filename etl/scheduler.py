@@ -8,11 +8,13 @@ that the process can exit at once; its run is closed as interrupted by the next 
 job is logged on one line (the traceback only at DEBUG level) and tried again at its next
 interval; a busy lock (another process syncing the same account) skips the turn.
 
-Replicas: several daemons on one database try every job on each tick, and the job's
-non-blocking lock lets one run it while the others skip. Each job's first run and every
-later one are shifted by a random fraction (``spread``) of its interval, so that replicas
-started together do not race for the same lock on every tick. A replica that dies releases
-its locks with its connections: another takes its jobs over at its next tick.
+Replicas: several daemons on one database try every job several times per interval
+(``ticks``); the job runs only when it is due by the shared record (no run of it started
+within its interval, in any replica), and its non-blocking lock lets one run it while the
+others skip. So N replicas make about the API calls of one. Each job's tries are shifted by a
+random fraction (``spread``) of a tick, so that replicas started together do not race for the
+same lock. A replica that dies releases its locks with its connections and starts no more
+runs: another finds its jobs due at most a tick after their interval.
 """
 
 from __future__ import annotations
@@ -98,10 +100,13 @@ def run_daemon(
     on_stuck: Callable[[], None] | None = None,
     on_tick: Callable[[], None] | None = None,
     spread: float = 0.1,
+    ticks: int = 1,
 ) -> int:
     """Run ``jobs`` (name → (job, interval)) until ``stop`` is set or a signal arrives.
     ``on_tick`` is called every half second while the scheduler runs (a liveness beat);
-    ``spread`` is the fraction of each interval its runs are shifted by at random.
+    ``spread`` is the fraction of each tick its runs are shifted by at random; ``ticks`` is
+    how many times per interval a job is tried (jobs that check a shared record of their last
+    start, so that replicas share them, are tried more often than they run).
 
     Returns:
         0 once every running job has ended (or, after ``grace`` seconds, been left behind).
@@ -127,11 +132,12 @@ def run_daemon(
     )
     now = datetime.now(UTC)
     for name, (job, every) in jobs.items():
-        shift = every.total_seconds() * spread
+        tick = every.total_seconds() / ticks
+        shift = tick * spread
         scheduler.add_job(
             _guarded(name, job, stop, running),
             "interval",
-            seconds=every.total_seconds(),
+            seconds=tick,
             jitter=shift or None,
             next_run_time=now + timedelta(seconds=random.uniform(0, shift)),
             id=name,

@@ -78,3 +78,47 @@ def test_three_replicas_share_the_jobs_take_over_from_dead_ones_and_converge(
     # run of that job closed it as interrupted.
     assert by_status.get("running", 0) == 0
     assert by_status["succeeded"] > 4 * len(keys)
+
+
+def _list_calls(app) -> int:
+    return sum(
+        1
+        for path, _ in list(app.requests)
+        if path.endswith(("/portfolio/orders", "/historical/orders", "/queue_positions"))
+    )
+
+
+def _calls_made_by(supervisor, replicas, app, seconds: float) -> int:
+    for replica in replicas:
+        supervisor.add(replica)
+    time.sleep(2.0)  # start-up, and each replica's first look at the shared record
+    before = _list_calls(app)
+    time.sleep(seconds)
+    made = _list_calls(app) - before
+    for replica in replicas:
+        code, _ = supervisor.stop(replica)
+        assert code == 0
+    return made
+
+
+@pytest.mark.slow
+def test_two_replicas_make_about_the_api_calls_of_one(db, database_url, tmp_path, account_keys):
+    accounts = sim_accounts(account_keys, 1, orders=150, events_per_second=5)
+    # Intervals long beside a run, as in production (30 s and 10 s against runs of a few
+    # hundred milliseconds): replicas on their own schedules would rarely meet at a lock.
+    every = ["--orders-every", "2s", "--queue-every", "2s"]
+    with serve_accounts(accounts, tmp_path, database_url) as live:
+        supervisor = Supervisor(live.env, tmp_path)
+        try:
+            one = _calls_made_by(supervisor, [Process("alone", ["daemon", *every])], live.app, 10)
+            two = _calls_made_by(
+                supervisor,
+                [Process(f"pair-{n}", ["daemon", *every]) for n in (1, 2)],
+                live.app,
+                10,
+            )
+        finally:
+            supervisor.close()
+    assert one > 0
+    assert two <= 1.3 * one, (one, two)
+    assert overlapping_runs(db) == []

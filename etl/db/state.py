@@ -307,6 +307,19 @@ def stream_health(
     return health
 
 
+def since_last_start(conn: Connection, account: str, stream: str) -> timedelta | None:
+    """How long ago (by the database's clock) a run of (account, stream) last started, in any
+    process; ``None`` before the first. One index probe."""
+    elapsed = conn.execute(
+        sa.text(
+            "SELECT now() - max(started_at) FROM sync_runs "
+            "WHERE account = :account AND stream = :stream"
+        ),
+        {"account": account, "stream": stream},
+    ).scalar()
+    return elapsed if isinstance(elapsed, timedelta) else None
+
+
 def last_successes(
     conn: Connection, keys: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], datetime | None]:

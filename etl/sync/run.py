@@ -23,13 +23,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.engine import Connection, Engine
 
 from etl import metrics
-from etl.db.engine import StreamLock, stream_lock, transaction
-from etl.db.state import Mode, RunStatus, finish_run, start_run
+from etl.db.engine import StreamLock, connection, stream_lock, transaction
+from etl.db.state import Mode, RunStatus, finish_run, since_last_start, start_run
 from etl.db.upsert import Counts
 from etl.errors import DatabaseError, StopRequested
 
@@ -102,6 +102,24 @@ class Unrecorded:
 
 
 UNRECORDED = Unrecorded()
+
+
+def is_due(
+    engine: Engine, account: str, stream: str, every: timedelta, *, slack: timedelta
+) -> bool:
+    """Whether a scheduled run of (account, ``stream``) is due: no run of it started within
+    ``every`` (less ``slack``) in any process sharing the database. Replicas check this shared
+    record before they run a job, so N daemons make about the API calls of one; a replica
+    that died stops starting runs, and another finds the job due an interval later.
+
+    A database that does not answer makes the job due: the run then fails and says so once.
+    """
+    try:
+        with connection(engine) as conn:
+            elapsed = since_last_start(conn, account, stream)
+    except DatabaseError:
+        return True
+    return elapsed is None or elapsed >= every - slack
 
 
 def describe(exc: BaseException) -> str:
