@@ -29,6 +29,7 @@ def _first_successes_since(db, since: datetime) -> dict[tuple[str, str], float]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_three_replicas_share_the_jobs_take_over_from_dead_ones_and_converge(
     db, database_url, tmp_path, account_keys
 ):
@@ -102,6 +103,7 @@ def _calls_made_by(supervisor, replicas, app, seconds: float) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_replicas_make_about_the_api_calls_of_one(db, database_url, tmp_path, account_keys):
     accounts = sim_accounts(account_keys, 1, orders=150, events_per_second=5)
     # Intervals long beside a run, as in production (30 s and 10 s against runs of a few
