@@ -25,6 +25,18 @@ def readyz(url: str) -> tuple[int, dict]:
     return answer.status_code, answer.json()
 
 
+def wait_not_ready(url: str) -> None:
+    """Wait for the daemon's health server to answer, not ready."""
+
+    def answering() -> bool:
+        try:
+            return readyz(url)[0] == 503
+        except httpx.TransportError:
+            return False
+
+    wait_until(answering, timeout=20)
+
+
 def test_the_daemon_waits_for_a_database_that_is_not_up_yet(
     db, app, private_key, key_file, database_url, tmp_path
 ):
@@ -36,14 +48,7 @@ def test_the_daemon_waits_for_a_database_that_is_not_up_yet(
     proc = spawn(["daemon", "--orders-every", "1s", "--queue-every", "1s"], env)
     url = f"http://127.0.0.1:{metrics_port}"
     try:
-
-        def answering() -> bool:
-            try:
-                return readyz(url)[0] == 503
-            except httpx.TransportError:
-                return False
-
-        wait_until(answering, timeout=20)
+        wait_not_ready(url)
         status, body = readyz(url)
         assert body["database"]["ok"] is False
         text = str(body)
@@ -103,14 +108,7 @@ def test_the_daemon_waits_for_an_api_that_cannot_be_reached_yet(
     url = f"http://127.0.0.1:{metrics_port}"
     server = None
     try:
-
-        def answering() -> bool:
-            try:
-                return readyz(url)[0] == 503
-            except httpx.TransportError:
-                return False
-
-        wait_until(answering, timeout=20)
+        wait_not_ready(url)
         time.sleep(3)
         assert proc.poll() is None, proc.communicate()
         server = serve(app, port=api_port)

@@ -1,0 +1,188 @@
+"""`daemon`: every stream on its schedule until SIGINT/SIGTERM, with metrics and health."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import threading
+from datetime import timedelta
+
+from etl.cli.wiring import (
+    Commands,
+    chosen_accounts,
+    claim_accounts,
+    duration,
+    log,
+    number,
+    open_client,
+    wait_for_database,
+)
+from etl.config import Settings
+
+TICKS = 4  # how often per interval the daemon tries each job (see is_due)
+
+
+def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.health import Liveness, OperatorServer, Readiness
+    from etl.kalshi.stream import stream_url
+    from etl.scheduler import Job, run_daemon
+    from etl.sync.orders import sync_orders
+    from etl.sync.queue import poll_queue_positions
+    from etl.sync.realtime import RealtimeOrders
+    from etl.sync.run import is_due
+
+    stop = threading.Event()
+    accounts = chosen_accounts(settings)
+    clients = {a.name: open_client(a, settings, cancel=stop) for a in accounts}
+    realtime = bool(args.realtime or settings.realtime)
+    # While the stream is up, REST is the safety net and runs less often; the readiness of
+    # the orders job is judged against that longer interval.
+    rest_every = max(args.orders_every, args.realtime_rest_every) if realtime else args.orders_every
+    intervals = {"orders": rest_every, "queue_positions": args.queue_every}
+    port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    liveness = Liveness()
+    server = None
+    readiness = Readiness(
+        None,
+        {(a.name, stream): every for a in accounts for stream, every in intervals.items()},
+        links=[a.name for a in accounts] if realtime else [],
+    )
+    if port is not None:
+        server = OperatorServer(args.metrics_host, port, liveness=liveness, readiness=readiness)
+        server.start()
+    try:
+        engine = wait_for_database(settings, stop, on_wait=liveness.beat)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    if engine is None:  # stopped while waiting
+        if server is not None:
+            server.stop()
+        return 0
+    readiness.engine = engine
+    claim_accounts(engine, accounts, allow_simulated=args.allow_simulated)
+    streams = {
+        a.name: RealtimeOrders(
+            engine,
+            clients[a.name],
+            account=a.name,
+            stream_url=stream_url(a.api_base),
+            stop=stop,
+            lookback=settings.lookback,
+        )
+        for a in accounts
+        if realtime
+    }
+    names = ", ".join(a.name for a in accounts)
+    log.info(
+        "daemon for %s %s%s; Ctrl-C or SIGTERM stops it",
+        "account" if len(accounts) == 1 else f"{len(accounts)} accounts:",
+        names,
+        f"; realtime: the user_orders stream, REST every {rest_every} while it is up"
+        if realtime
+        else "",
+    )
+
+    # Replicas share the work: each tries a job TICKS times per interval and runs it only
+    # when no replica started it within the interval (less half a tick of slack).
+    def due(name: str, stream_name: str, every: timedelta) -> bool:
+        return is_due(engine, name, stream_name, every, slack=every / TICKS / 2)
+
+    def orders_job(name: str) -> Job:
+        def job(stop: threading.Event) -> None:
+            if not due(name, "orders", args.orders_every):
+                return
+            stream = streams.get(name)
+            if stream is not None and not stream.rest_due(rest_every):
+                return  # the stream is up and REST ran recently: the safety net can wait
+            sync_orders(
+                engine,
+                clients[name],
+                account=name,
+                lookback=settings.lookback,
+                lock_wait=0,
+                stop=stop,
+            )
+            if stream is not None:
+                stream.rest_synced()
+
+        return job
+
+    def queue_job(name: str) -> Job:
+        def job(stop: threading.Event) -> None:
+            if due(name, "queue_positions", args.queue_every):
+                poll_queue_positions(engine, clients[name], account=name, lock_wait=0, stop=stop)
+
+        return job
+
+    jobs: dict[str, tuple[Job, timedelta]] = {}
+    for account in accounts:
+        of = f" of {account.name}" if len(accounts) > 1 else ""
+        jobs["orders" + of] = (orders_job(account.name), args.orders_every)
+        jobs["queue_positions" + of] = (queue_job(account.name), args.queue_every)
+
+    def exit_now() -> None:
+        logging.shutdown()
+        os._exit(0)
+
+    try:
+        with contextlib.ExitStack() as open_clients:
+            for client in clients.values():
+                open_clients.enter_context(client)
+            for stream in streams.values():
+                stream.start()
+            code = run_daemon(
+                jobs, stop=stop, on_stuck=exit_now, on_tick=liveness.beat, ticks=TICKS
+            )
+            for stream in streams.values():
+                if not stream.join(timeout=5.0):
+                    log.warning("the user_orders stream of %s did not stop in 5s", stream.account)
+            return code
+    finally:
+        stop.set()
+        if server is not None:
+            server.stop()
+
+
+def register(commands: Commands) -> None:
+    """Add this module's commands to the parser."""
+    p = commands.add("daemon", cmd_daemon, "sync on a schedule until SIGINT/SIGTERM")
+    commands.allow_simulated(p)
+    p.add_argument(
+        "--orders-every", type=duration, default="30s", help="orders sync interval (default 30s)"
+    )
+    p.add_argument(
+        "--queue-every",
+        type=duration,
+        default="10s",
+        help="queue-position poll interval (default 10s)",
+    )
+
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="also stream order changes from the user_orders WebSocket into orders, each "
+        "reconnect reconciled by REST (default: KALSHI_ETL_REALTIME, else off)",
+    )
+    p.add_argument(
+        "--realtime-rest-every",
+        type=duration,
+        default="5m",
+        help="with --realtime, the REST sync's interval while the stream is up (default 5m; "
+        "--orders-every applies while it is down)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=number(int, 0, 65535),
+        default=None,
+        help="serve /metrics, /healthz and /readyz on this port (default: "
+        "KALSHI_ETL_METRICS_PORT, else off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 in a container)",
+    )

@@ -1,0 +1,245 @@
+"""`sync` and `backfill`: one incremental pass, and the one-off windowed load with its progress."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from etl.cli.wiring import (
+    EXIT_INTERRUPTED,
+    Commands,
+    duration,
+    explain_auth,
+    log,
+    number,
+    open_accounts,
+)
+from etl.config import (
+    Account,
+    Settings,
+    parse_time,
+)
+from etl.errors import (
+    ApiStatusError,
+    ApiTransportError,
+    ConfigError,
+    EtlError,
+    StopRequested,
+)
+from etl.kalshi.client import KalshiClient
+from etl.sync.orders import BackfillProgress
+
+
+def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    accounts, clients, engine = open_accounts(settings, args)
+    failed = 0
+    for account, client in zip(accounts, clients, strict=True):
+        with client:
+            failed += _sync_account(args, settings, engine, account, client, many=len(accounts) > 1)
+    if failed:
+        print(f"kalshi-etl: sync failed for {failed} stream(s); see the log above", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _sync_account(
+    args: argparse.Namespace,
+    settings: Settings,
+    engine: Engine,
+    account: Account,
+    client: KalshiClient,
+    *,
+    many: bool,
+) -> int:
+    """One pass over one account's streams; returns how many failed."""
+    from etl.sync.orders import sync_orders
+    from etl.sync.queue import poll_queue_positions
+
+    name = account.name
+    of = f" of {name}" if many else ""
+    steps: list[tuple[str, Callable[[], object]]] = []
+    if args.orders:
+        steps.append(
+            (
+                "orders" + of,
+                lambda: sync_orders(engine, client, account=name, lookback=settings.lookback),
+            )
+        )
+    if args.queue:
+        steps.append(
+            ("queue positions" + of, lambda: poll_queue_positions(engine, client, account=name))
+        )
+    failed = 0
+    for index, (step_name, step) in enumerate(steps):
+        try:
+            step()
+        except ApiStatusError as exc:
+            explained = explain_auth(exc, account, settings)
+            if isinstance(explained, ConfigError) and not many:
+                raise explained from exc
+            log.error("%s sync failed: %s", step_name, explained)
+            failed += 1
+        except (ConfigError, StopRequested):
+            raise
+        except ApiTransportError as exc:
+            log.error("%s sync failed: %s", step_name, exc)
+            failed += 1 + len(steps[index + 1 :])
+            skipped = ", ".join(later for later, _ in steps[index + 1 :])
+            if skipped:
+                log.error("%s not tried: the API cannot be reached", skipped)
+            break
+        except EtlError as exc:
+            log.error("%s sync failed: %s", step_name, exc)
+            failed += 1
+    return failed
+
+
+class BackfillDisplay:
+    """A backfill's progress: a tqdm bar on a terminal, updated per page with orders/s and
+    the ETA (log lines print above it); plain log lines every ``every`` seconds elsewhere."""
+
+    def __init__(self, *, tty: bool, every: float = 10.0) -> None:
+        self.started = time.monotonic()
+        self.every = every
+        self._lock = threading.Lock()
+        self._last_line = self.started
+        self._first: int | None = None
+        self._bar: Any = None
+        if tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(unit="window", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def __call__(self, progress: BackfillProgress) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if self._first is None:
+                self._first = progress.windows_done
+            rate = progress.orders / max(now - self.started, 1e-9)
+            if self._bar is not None:
+                self._bar.total = progress.windows_total
+                self._bar.initial = self._first
+                self._bar.update(progress.windows_done - self._bar.n)
+                self._bar.set_postfix_str(f"{progress.orders:,} orders, {rate:,.0f}/s")
+            elif now - self._last_line >= self.every or (
+                progress.windows_done == progress.windows_total
+            ):
+                self._last_line = now
+                log.info(
+                    "backfill: %d/%d windows, %d orders (%.0f/s), ETA %s",
+                    progress.windows_done,
+                    progress.windows_total,
+                    progress.orders,
+                    rate,
+                    self._eta(progress, now),
+                )
+
+    def _eta(self, progress: BackfillProgress, now: float) -> str:
+        done = progress.windows_done - (self._first or 0)
+        left = progress.windows_total - progress.windows_done
+        if left == 0:
+            return "0s"
+        if done <= 0:
+            return "unknown"
+        return f"{(now - self.started) / done * left:.0f}s"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from etl.sync.orders import backfill_orders
+
+    since = parse_time(args.since, name="--since")
+    until = parse_time(args.until, name="--until") if args.until else datetime.now(UTC)
+    if since >= until:
+        raise ConfigError(
+            f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})"
+        )
+    accounts, clients, engine = open_accounts(settings, args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    for account, client in zip(accounts, clients, strict=True):
+        if len(accounts) > 1:
+            log.info("backfill of account %s", account.name)
+        display = BackfillDisplay(tty=sys.stderr.isatty())
+        with client, logging_redirect_tqdm():
+            try:
+                result = backfill_orders(
+                    engine,
+                    client,
+                    account=account.name,
+                    since=since,
+                    until=until,
+                    window=args.window,
+                    concurrency=args.concurrency,
+                    on_progress=display,
+                    stop=stop,
+                )
+            except ApiStatusError as exc:
+                raise explain_auth(exc, account, settings) from exc
+            except StopRequested:
+                display.close()
+                print(
+                    "kalshi-etl: backfill stopped; the windows done are kept: run the same "
+                    "command again to resume",
+                    file=sys.stderr,
+                )
+                return EXIT_INTERRUPTED
+            finally:
+                display.close()
+        c = result.counts
+        of = f" of {account.name}" if len(accounts) > 1 else ""
+        print(
+            f"backfill{of} {since.isoformat()} .. {until.isoformat()}: fetched {c.fetched}, "
+            f"inserted {c.inserted}, updated {c.updated}, unchanged {c.unchanged}, "
+            f"rejected {c.rejected}"
+        )
+    return 0
+
+
+def register(commands: Commands) -> None:
+    """Add this module's commands to the parser."""
+    p = commands.add_for_accounts(
+        "sync", cmd_sync, "one incremental pass: orders, then queue positions"
+    )
+    commands.allow_simulated(p)
+    p.add_argument(
+        "--orders",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sync orders (default: yes)",
+    )
+    p.add_argument(
+        "--queue",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="poll queue positions (default: yes)",
+    )
+
+    p = commands.add_for_accounts(
+        "backfill", cmd_backfill, "one-off resumable load of every order in [since, until)"
+    )
+    commands.allow_simulated(p)
+    p.add_argument("--since", required=True, help="ISO-8601 time or Unix seconds")
+    p.add_argument("--until", help="ISO-8601 time or Unix seconds (default: now)")
+    p.add_argument(
+        "--window", type=duration, default="1d", help="window length, e.g. 6h, 1d (default 1d)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=number(int, 1, 64),
+        default=4,
+        help="windows fetched at once (default 4)",
+    )
