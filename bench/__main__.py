@@ -471,7 +471,8 @@ import os, resource, sys, time
 from pathlib import Path
 from etl.kalshi.auth import KalshiAuth, read_private_key_file
 from etl.kalshi.client import KalshiClient
-from etl.sync.orders import SWITCH_INTERVAL, parse_page, prefetched
+from etl.sync.engine import prefetched
+from etl.sync.orders import SWITCH_INTERVAL, parse_page
 sys.setswitchinterval(SWITCH_INTERVAL)  # as the CLI runs
 key = read_private_key_file(Path(os.environ["KALSHI_PRIVATE_KEY_PATH"]))
 auth = KalshiAuth(os.environ["KALSHI_API_KEY_ID"], key)

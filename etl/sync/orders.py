@@ -37,17 +37,14 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
-import time
-from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from etl import metrics
 from etl.db.engine import connection
@@ -65,13 +62,14 @@ from etl.db.upsert import (
     Counts,
     copy_new_orders,
     insert_rejected,
-    refusal_safe,
     upsert_orders,
     write_records,
 )
 from etl.errors import ApiError, ApiProtocolError, ApiStatusError
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
+from etl.sync import engine
+from etl.sync.engine import Checkpoint, PageCallback, Sink, Write
 from etl.sync.run import Clock, Run, recorded_run, utcnow
 
 log = logging.getLogger(__name__)
@@ -85,15 +83,6 @@ OUTAGE_STREAK = 3
 # share one interpreter: at 0.5 ms the fetcher's next request waits less behind parsing, which
 # made a first load about 5% faster and a fetch alone about 9%.
 SWITCH_INTERVAL = 0.0005
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """What a completed pull writes to ``sync_state``: the incremental watermark, or a
-    backfill window ``[start, end)`` in Unix seconds."""
-
-    watermark: datetime | None = None
-    window: tuple[int, int] | None = None
 
 
 @dataclass
@@ -113,65 +102,59 @@ class PullResult:
     subaccounts: set[int] = field(default_factory=set)
 
 
-class Progress:
-    """Logs a pull's progress at most every ``every`` seconds: counts and rate."""
+def _write_orders(new: NewAccount | None) -> Write[Order]:
+    """The orders' write rule: newest version wins (the guarded merge); while ``new``
+    holds, a first load's page is COPYed without a merge."""
 
-    def __init__(self, label: str, *, every: float = 5.0) -> None:
-        self.label = label
-        self.every = every
-        self.started = time.monotonic()
-        self._last = self.started
-        self.fetched = 0
+    def write(
+        conn: Connection, run: Run, good: Sequence[Order], one_by_one: bool
+    ) -> tuple[Counts, list[Rejected]]:
+        # The wall clock, not the run's (injectable) one: a queue poll finds the orders that
+        # closed since its previous run by this time.
+        written_at = utcnow()
+        if new is not None and new.holds and not one_by_one:
+            written = copy_new_orders(conn, good, account=run.account, synced_at=written_at)
+            if written is not None:
+                return written, []
+            if new.holds:
+                new.holds = False
+                log.info("some of the orders listed are stored already: merging from now on")
+        return write_records(
+            conn,
+            good,
+            lambda c, batch: upsert_orders(c, batch, account=run.account, synced_at=written_at),
+            one_by_one=one_by_one,
+        )
 
-    def add(self, fetched: int) -> None:
-        self.fetched += fetched
-        now = time.monotonic()
-        if now - self._last >= self.every:
-            self._last = now
-            rate = self.fetched / max(now - self.started, 1e-9)
-            log.info("%s: %d orders so far (%.0f/s)", self.label, self.fetched, rate)
+    return write
 
 
-_END = object()
+def _checkpoint(conn: Connection, run: Run, checkpoint: Checkpoint) -> None:
+    if checkpoint.window is not None:
+        mark_window_done(conn, run.account, *checkpoint.window)
+    else:
+        write_state(conn, run.account, STREAM, watermark=checkpoint.watermark)
 
 
-def prefetched(pages: Iterable[Page], *, depth: int = 1) -> Generator[Page, None, None]:
-    """Fetch up to ``depth`` pages ahead on a thread, so the API's latency overlaps the
-    database write of the page before. Errors surface at the page where they happened; a
-    page fetched but not yet written is simply fetched again by the next run."""
-    handoff: queue.Queue[object] = queue.Queue(maxsize=depth)
-    closed = threading.Event()
+def orders_sink(new: NewAccount | None = None) -> Sink[Order]:
+    """How the engine parses and writes order pages (``new``: see :class:`NewAccount`)."""
+    return Sink(
+        stream=STREAM,
+        noun="orders",
+        parse=parse_order,
+        write=_write_orders(new),
+        checkpoint=_checkpoint,
+    )
 
-    def put(item: object) -> bool:
-        while not closed.is_set():
-            try:
-                handoff.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
 
-    def produce() -> None:
-        try:
-            for page in pages:
-                if not put(page):
-                    return
-            put(_END)
-        except BaseException as exc:  # handed to the consumer, raised there
-            put(exc)
+_SINK = orders_sink()
 
-    threading.Thread(target=produce, name="page-prefetch", daemon=True).start()
-    try:
-        while True:
-            item = handoff.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, Page)
-            yield item
-    finally:
-        closed.set()
+
+def parse_page(
+    items: Sequence[Any], *, screened: bool = False
+) -> tuple[list[Order], list[Rejected]]:
+    """The orders of a page that parse, and the records that do not (logged)."""
+    return engine.parse_page(_SINK, items, screened=screened)
 
 
 def write_page(
@@ -181,151 +164,10 @@ def write_page(
     checkpoint: Checkpoint | None = None,
     screened: bool = False,
 ) -> tuple[Counts, list[Order]]:
-    """Parse and write one page in one transaction, with the run's counts and, when given,
-    the checkpoint. A page PostgreSQL refuses on its data is written again record by record.
-    ``screened``: the page's body was cleared of anything jsonb cannot hold (``Page``).
-    Returns the counts and the orders written."""
+    """Parse and write one page of orders in one transaction, with the run's counts and, when
+    given, the checkpoint. Returns the counts and the orders written."""
     good, bad = parse_page(items, screened=screened)
-    return write_parsed(run, good, bad, checkpoint=checkpoint), good
-
-
-def parse_page(
-    items: Sequence[Any], *, screened: bool = False
-) -> tuple[list[Order], list[Rejected]]:
-    """The orders of a page that parse, and the records that do not (logged)."""
-    parsed = [parse_order(item, screened=screened) for item in items]
-    good = [p for p in parsed if isinstance(p, Order)]
-    bad = [p for p in parsed if isinstance(p, Rejected)]
-    for rejected in bad:
-        log.warning("rejected an order record: %s", rejected.reason)
-    return good, bad
-
-
-def write_parsed(
-    run: Run,
-    good: Sequence[Order],
-    bad: Sequence[Rejected],
-    *,
-    checkpoint: Checkpoint | None = None,
-    new: NewAccount | None = None,
-) -> Counts:
-    """Write a parsed page in one transaction (see :func:`write_page`); ``new``: while it
-    holds, the orders are COPYed into ``orders`` without a merge."""
-    return refusal_safe(
-        lambda one_by_one: _write(run, good, bad, checkpoint, one_by_one=one_by_one, new=new),
-        what="a page",
-    )
-
-
-class _PageWriter:
-    """Writes parsed pages on threads of their own, each page in its own transaction on its
-    own connection, so that a page's database work overlaps the parsing (and fetching) of the
-    next and PostgreSQL writes ``depth`` pages at once. Pages may commit out of order: each
-    is whole by itself and the newest version wins whatever the order; a listing's checkpoint
-    is written only after :meth:`close`. :meth:`submit` waits while ``depth`` writes are in
-    flight, and raises the error of a write that failed.
-    """
-
-    def __init__(self, run: Run, *, depth: int = 2, new: NewAccount | None = None) -> None:
-        self.run = run
-        self.new = new
-        self.counts = Counts()
-        self._depth = depth
-        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="page-writer")
-        self._pending: deque[Future[Counts]] = deque()
-
-    def submit(self, good: list[Order], bad: list[Rejected]) -> None:
-        while len(self._pending) >= self._depth:
-            self._settle(self._pending.popleft())
-        self._pending.append(self._pool.submit(write_parsed, self.run, good, bad, new=self.new))
-
-    def wait(self) -> None:
-        """Wait for every write in flight (committed, or the first error raised here)."""
-        while self._pending:
-            self._settle(self._pending.popleft())
-
-    def _settle(self, pending: Future[Counts]) -> None:
-        self.counts += pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:  # after an error, the other writes in flight end before the pull does
-            self._pending.clear()
-            self._pool.shutdown(wait=True)
-
-
-def _write(
-    run: Run,
-    good: Sequence[Order],
-    bad: Sequence[Rejected],
-    checkpoint: Checkpoint | None,
-    *,
-    one_by_one: bool,
-    new: NewAccount | None = None,
-) -> Counts:
-    now = run.clock()
-    # The wall clock, not the run's (injectable) one: a queue poll finds the orders that
-    # closed since its previous run by this time.
-    written_at = utcnow()
-    with run.transaction() as conn:
-        if checkpoint is None:
-            # A page alone need not wait for its WAL to reach the disk. WAL is replayed as a
-            # prefix, so a page lost to a PostgreSQL crash takes every later commit with it,
-            # the checkpoint that would have covered it included; and the run's own end (and
-            # a checkpoint's) commits synchronously, which flushes every page before it.
-            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-        written: Counts | None = None
-        refused: list[Rejected] = []
-        if new is not None and new.holds and not one_by_one:
-            written = copy_new_orders(conn, good, account=run.account, synced_at=written_at)
-            if written is None and new.holds:
-                new.holds = False
-                log.info("some of the orders listed are stored already: merging from now on")
-        if written is None:
-            written, refused = write_records(
-                conn,
-                good,
-                lambda c, batch: upsert_orders(c, batch, account=run.account, synced_at=written_at),
-                one_by_one=one_by_one,
-            )
-        # Counted as met (a record the API keeps serving is rejected on every run), kept once.
-        insert_rejected(conn, [*bad, *refused], stream=STREAM, account=run.account, received_at=now)
-        rejected = len(bad) + len(refused)
-        counts = Counts(
-            fetched=len(good) + len(bad),
-            inserted=written.inserted,
-            updated=written.updated,
-            unchanged=written.unchanged,
-            rejected=rejected,
-        )
-        add_to_run(conn, run.run_id, counts)
-        if checkpoint is not None and checkpoint.window is not None:
-            mark_window_done(conn, run.account, *checkpoint.window)
-        elif checkpoint is not None:
-            write_state(conn, run.account, STREAM, watermark=checkpoint.watermark)
-    return counts
-
-
-def keep_unparseable_body(run: Run, exc: ApiProtocolError) -> None:
-    """A page whose body was not JSON: keep the body (escaped) in ``rejected_records`` before
-    the run fails with the API error; failing to keep it never hides that error."""
-    if exc.body is None:
-        return
-    try:
-        with run.transaction() as conn:
-            insert_rejected(
-                conn,
-                [Rejected(str(exc), exc.body)],
-                stream=STREAM,
-                account=run.account,
-                received_at=run.clock(),
-            )
-    except Exception as keep_error:  # the API error is what the run reports
-        log.warning("could not keep the unparseable body: %s", keep_error)
-
-
-PageCallback = Callable[[int], None]
+    return engine.write_parsed(run, _SINK, good, bad, checkpoint=checkpoint), good
 
 
 def pull(
@@ -338,42 +180,28 @@ def pull(
     keep_open: bool = False,
     new: NewAccount | None = None,
 ) -> PullResult:
-    """Write every page of one listing, each in its own transaction; once the listing has
-    been read to its end, write ``checkpoint``. ``keep_open``: also collect the ids of the
-    open orders listed (what settling needs; a full listing's would only cost memory).
-    ``new``: see :class:`NewAccount`.
-
-    Raises:
-        StopRequested: a stop was asked for; the pages in flight were committed first.
-    """
+    """Write every page of one listing of orders (:func:`etl.sync.engine.pull`), collecting
+    the subaccounts listed and, ``keep_open``, the ids of the open orders listed (what
+    settling needs; a full listing's would only cost memory). ``new``: see
+    :class:`NewAccount`."""
     result = PullResult()
-    progress = Progress(label)
-    iterator = prefetched(pages)
-    writer = _PageWriter(run, new=new)
-    try:
-        try:
-            for page in iterator:
-                good, bad = parse_page(page.items, screened=page.screened)
-                writer.submit(good, bad)
-                for order in good:
-                    if keep_open and order.is_open:
-                        result.open_ids.add(order.order_id)
-                    if order.subaccount_number is not None:
-                        result.subaccounts.add(order.subaccount_number)
-                progress.add(len(page.items))
-                if on_page is not None:
-                    on_page(len(page.items))
-                run.check_stop(f"stopped during {label}; the pages read so far are committed")
-        finally:
-            writer.close()  # the pages in flight are committed (or an error raised) first
-    except ApiProtocolError as exc:
-        keep_unparseable_body(run, exc)
-        raise
-    finally:
-        iterator.close()  # stops the prefetch thread at once, whatever ended the pull
-    result.counts += writer.counts
-    if checkpoint is not None:
-        write_page(run, [], checkpoint=checkpoint)
+
+    def collect(good: list[Order]) -> None:
+        for order in good:
+            if keep_open and order.is_open:
+                result.open_ids.add(order.order_id)
+            if order.subaccount_number is not None:
+                result.subaccounts.add(order.subaccount_number)
+
+    result.counts += engine.pull(
+        run,
+        orders_sink(new),
+        pages,
+        checkpoint=checkpoint,
+        label=label,
+        on_page=on_page,
+        on_records=collect,
+    )
     return result
 
 
