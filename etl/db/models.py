@@ -128,6 +128,57 @@ queue_position_snapshots = Table(
     Index(None, "captured_at", "order_id"),
 )
 
+# ``fills``: one row per fill (``fill_id``); a fill never changes.
+fills = Table(
+    "fills",
+    metadata,
+    Column("fill_id", Text, primary_key=True),
+    _required("account", Text),
+    _optional("trade_id", Text),
+    _optional("order_id", Text),
+    _required("ticker", Text),
+    *(_optional(name, Text) for name in ("outcome_side", "book_side", "side", "action")),
+    _optional("count_fp", Contracts),
+    _optional("yes_price_dollars", Dollars),
+    _optional("no_price_dollars", Dollars),
+    _optional("is_taker", Boolean),
+    _optional("fee_cost", Dollars),
+    _optional("created_time", Timestamp),
+    _required("subaccount_number", Integer, server_default=text("0")),
+    _optional("exchange_index", Integer),
+    _required("raw", JSONB),
+    _required("first_synced_at", Timestamp, server_default=NOW),
+    _required("synced_at", Timestamp, server_default=NOW),
+    # Fills of an account over time (P&L, "fills per day"), of an order (verify's cross-check).
+    Index(None, "account", "created_time"),
+    Index(None, "order_id"),
+    Index(None, "ticker"),
+)
+
+# ``settlements``: one row per (account, subaccount, market); the newest ``settled_time`` wins.
+settlements = Table(
+    "settlements",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("subaccount_number", Integer, primary_key=True),
+    Column("ticker", Text, primary_key=True),
+    _optional("event_ticker", Text),
+    _optional("market_result", Text),
+    _optional("yes_count_fp", Contracts),
+    _optional("yes_total_cost_dollars", Dollars),
+    _optional("no_count_fp", Contracts),
+    _optional("no_total_cost_dollars", Dollars),
+    _optional("revenue", BigInteger),
+    _optional("value", Integer),
+    _optional("fee_cost", Dollars),
+    _optional("settled_time", Timestamp),
+    _optional("exchange_index", Integer),
+    _required("raw", JSONB),
+    _required("first_synced_at", Timestamp, server_default=NOW),
+    _required("synced_at", Timestamp, server_default=NOW),
+    Index(None, "account", "settled_time"),
+)
+
 # ``sync_state``: one watermark per (account, stream), written with the data it covers.
 sync_state = Table(
     "sync_state",

@@ -21,6 +21,7 @@ from etl.kalshi.parse.fields import (
     storable_text,
     storage_problem,
 )
+from etl.kalshi.parse.fills import FILL_COLUMNS, Fill, parse_fill
 from etl.kalshi.parse.orders import (
     OPEN_STATUSES,
     ORDER_STATUSES,
@@ -32,8 +33,15 @@ from etl.kalshi.parse.orders import (
     parse_user_order,
 )
 from etl.kalshi.parse.queue import QueuePosition, parse_queue_position
+from etl.kalshi.parse.settlements import SETTLEMENT_COLUMNS, Settlement, parse_settlement
 
 __all__ = [
+    "FILL_COLUMNS",
+    "SETTLEMENT_COLUMNS",
+    "Fill",
+    "Settlement",
+    "parse_fill",
+    "parse_settlement",
     "INT4_MAX",
     "INT4_MIN",
     "MAX_DEPTH",
