@@ -89,7 +89,7 @@ def write_rows(
     ]
     stmt = pg_insert(table).values(values)
     updatable = [c for c in values[0] if c not in rule.key and c != "first_synced_at"]
-    upsert = stmt.on_conflict_do_update(
+    upsert: Any = stmt.on_conflict_do_update(
         index_elements=[table.c[k] for k in rule.key],
         set_={c: stmt.excluded[c] for c in updatable},
         where=sa.text(rule.guard("excluded", table.name, claim=claim)),
