@@ -59,3 +59,45 @@ def test_queue_positions_cutoff_and_user_data_timestamp_are_valid_sdk_responses(
     assert models.GetHistoricalCutoffResponse.from_dict(cutoff).orders_updated_ts is not None
     stamp = client._get_json("exchange/user_data_timestamp")  # noqa: SLF001
     assert models.GetUserDataTimestampResponse.from_dict(stamp).as_of_time is not None
+
+
+def _pages(client, path: str, **params: Any) -> list[dict[str, Any]]:
+    bodies: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {"limit": 200, **params, **({"cursor": cursor} if cursor else {})}
+        body = client._get_json(path, params=query)  # noqa: SLF001 - the raw answer
+        bodies.append(body)
+        cursor = body["cursor"]
+        if not cursor:
+            return bodies
+
+
+def test_fill_pages_of_both_tiers_are_valid_sdk_responses(sdk_client):
+    exchange, client = sdk_client
+    fills = [
+        fill
+        for path in ("portfolio/fills", "historical/fills")
+        for body in _pages(client, path)
+        for fill in models.GetFillsResponse.from_dict(body).fills
+    ]
+    assert len(fills) == sum(1 for _ in exchange.ledger.fills()) > 0
+    assert {f.subaccount_number or 0 for f in fills} == {0, 1}
+
+
+def test_settlement_pages_and_subaccount_balances_are_valid_sdk_responses(sdk_client):
+    exchange, client = sdk_client
+    yes, no, scalar = exchange.tickers[:3]
+    exchange.settle_market(yes, "yes")
+    exchange.settle_market(no, "no")
+    exchange.settle_market(scalar, "scalar", 50)
+    rows = [
+        row
+        for body in _pages(client, "portfolio/settlements")
+        for row in models.GetSettlementsResponse.from_dict(body).settlements
+    ]
+    assert {r.market_result for r in rows} == {"yes", "no", "scalar"}
+    assert len(rows) == len(exchange.ledger.settlements())
+    balances = client._get_json("portfolio/subaccounts/balances")  # noqa: SLF001
+    parsed = models.GetSubaccountBalancesResponse.from_dict(balances).subaccount_balances
+    assert {b.subaccount_number for b in parsed} == {0, 1}

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from etl.errors import ConfigError
 from etl.kalshi.auth import KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signing_message, verify
 from etl.kalshi.client import LIST_COST, SINGLE_COST, TokenBucket
-from etl.simulator.exchange import ApiFault, Exchange, OrderQuery, rfc3339
+from etl.simulator.exchange import ApiFault, Exchange, FillQuery, OrderQuery, rfc3339
 from etl.simulator.stream import StreamHub, is_websocket_request
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,41 @@ class SimulatorApp:
                 "market_settled_ts": stamp,
                 "trades_created_ts": stamp,
                 "orders_updated_ts": stamp,
+            }
+        if route in ("/portfolio/fills", "/historical/fills"):
+            limit = _int_param(query, "limit")
+            fills, cursor = ex.list_fills(
+                FillQuery(
+                    ticker=query.get("ticker") or None,
+                    order_id=query.get("order_id") or None,
+                    min_ts=_int_param(query, "min_ts"),
+                    max_ts=_int_param(query, "max_ts"),
+                    subaccount=_int_param(query, "subaccount"),
+                    limit=100 if limit is None else limit,
+                    cursor=query.get("cursor") or None,
+                ),
+                historical=route.startswith("/historical"),
+            )
+            return {"fills": fills, "cursor": cursor}
+        if route == "/portfolio/settlements":
+            limit = _int_param(query, "limit")
+            rows, cursor = ex.list_settlements(
+                subaccount=_int_param(query, "subaccount"),
+                limit=100 if limit is None else limit,
+                cursor=query.get("cursor") or None,
+            )
+            return {"settlements": rows, "cursor": cursor}
+        if route == "/portfolio/subaccounts/balances":
+            return {
+                "subaccount_balances": [
+                    {
+                        "subaccount_number": n,
+                        "exchange_index": 0,
+                        "balance": "0.00",
+                        "updated_ts": int(ex.now.timestamp()),
+                    }
+                    for n in ex.subaccounts()
+                ]
             }
         if route == "/exchange/user_data_timestamp":
             return {"as_of_time": rfc3339(ex.user_data_timestamp())}

@@ -19,20 +19,23 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
+from etl.simulator.errors import ApiFault
+from etl.simulator.ledger import FillQuery, Ledger, SimFill, SimSettlement
+
+__all__ = [
+    "ApiFault",
+    "Exchange",
+    "FillQuery",
+    "OrderQuery",
+    "SimFill",
+    "SimOrder",
+    "SimSettlement",
+]
+
 ApiVersion = Literal["2025", "2026"]
 MinTsOn = Literal["created_time", "last_update_time"]
 
 FINAL = ("canceled", "executed")
-
-
-class ApiFault(Exception):
-    """An error answer: HTTP status, code and message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -249,6 +252,8 @@ class Exchange:
         self._sorted: list[tuple[datetime, str]] = []  # (created, order_id) ascending
         self._resting: dict[str, None] = {}  # insertion-ordered set: deterministic choice
         self._carry = 0.0
+        self.ledger = Ledger()  # the fills of the orders' executions, the settlements
+        self._fill_numbers = itertools.count(1)
         # Called with each order a trading event creates or changes (the WebSocket feed).
         self.listeners: list[Callable[[SimOrder], None]] = []
         self.tickers = [
@@ -320,31 +325,51 @@ class Exchange:
                     order.updated = to_ms(
                         created + timedelta(seconds=self.rng.uniform(0, min(age, 3600)))
                     )
-                    self._charge(order, order.filled)
+                    self._charge(order, order.filled, order.updated)
                 order.expiration = None
             else:
                 later = created + timedelta(seconds=self.rng.uniform(0, min(age - 1, 6 * 3600)))
                 if self.rng.random() < 0.6:
                     order.status = "executed"
-                    self._charge(order, order.initial - order.filled)
+                    self._charge(order, order.initial - order.filled, later)
                     order.filled = order.initial
                 else:
                     order.status = "canceled"
                     order.filled = self.rng.randint(0, order.initial - 1)
-                    self._charge(order, order.filled)
+                    self._charge(order, order.filled, later)
                 order.updated = to_ms(later)
                 order.malformed = self.malformed > 0 and self.rng.random() < self.malformed
             self._add(order)
         self._sorted.sort()
 
-    def _charge(self, order: SimOrder, contracts: int) -> None:
+    def _charge(self, order: SimOrder, contracts: int, at: datetime) -> None:
+        """Execute ``contracts`` of ``order`` at ``at``: its costs and fees, and the fill."""
         cost = contracts * order.price
-        if order.type == "market" or self.rng.random() < 0.3:
+        taker = order.type == "market" or self.rng.random() < 0.3
+        if taker:
+            fee = (contracts * 7 + 99) // 100 if contracts else 0
             order.taker_fill_cost += cost
-            order.taker_fees += (contracts * 7 + 99) // 100
+            order.taker_fees += fee
         else:
+            fee = contracts // 50
             order.maker_fill_cost += cost
-            order.maker_fees += contracts // 50
+            order.maker_fees += fee
+        if contracts:
+            self.ledger.record(
+                SimFill(
+                    fill_id=f"{order.order_id[:8]}-fill-{next(self._fill_numbers):08x}",
+                    order_id=order.order_id,
+                    ticker=order.ticker,
+                    side=order.side,
+                    action=order.action,
+                    count=contracts,
+                    price=order.price,
+                    is_taker=taker,
+                    fee=fee,
+                    created=to_ms(at),
+                    subaccount=order.subaccount,
+                )
+            )
 
     # -- trading ----------------------------------------------------------------------------
 
@@ -390,7 +415,7 @@ class Exchange:
         order = self._make(self.now)
         if order.type == "market" or self.rng.random() < 0.15:
             order.status = "executed"
-            self._charge(order, order.initial)
+            self._charge(order, order.initial, self.now)
             order.filled = order.initial
             order.expiration = None
         self._add(order)
@@ -403,7 +428,7 @@ class Exchange:
         assert order.status == "resting", order.status
         contracts = max(1, min(contracts, order.initial - order.filled))
         order.filled += contracts
-        self._charge(order, contracts)
+        self._charge(order, contracts, self.now)
         order.updated = to_ms(self.now)
         if order.filled >= order.initial:
             order.status = "executed"
@@ -551,6 +576,48 @@ class Exchange:
 
     def user_data_timestamp(self) -> datetime:
         return self.now - self.user_data_lag
+
+    # -- the account beyond orders ------------------------------------------------------------
+
+    def list_fills(self, query: FillQuery, *, historical: bool) -> tuple[list[dict[str, Any]], str]:
+        """``GET /portfolio/fills`` (live) or ``/historical/fills`` (2026 only): fills created
+        before the cutoff are served only by the historical tier."""
+        if historical and self.api != "2026":
+            raise ApiFault(404, "not_found", "not found")
+        return self.ledger.list_fills(
+            query, cutoff=self.cutoff(), historical=historical, max_limit=self._max_limit()
+        )
+
+    def list_settlements(
+        self, *, subaccount: int | None, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], str]:
+        """``GET /portfolio/settlements``: the live (not archived) rows of ``subaccount``."""
+        if subaccount is not None and not 0 <= subaccount <= 63:
+            raise ApiFault(400, "invalid_parameters", "subaccount must be between 0 and 63")
+        return self.ledger.list_settlements(
+            subaccount=subaccount, limit=limit, cursor=cursor, max_limit=self._max_limit()
+        )
+
+    def subaccounts(self) -> list[int]:
+        """The subaccounts that exist: 0 and every one an order was placed from."""
+        return sorted({0} | {order.subaccount for order in self._book.values()})
+
+    def settle_market(
+        self, ticker: str, result: str, value: int | None = None
+    ) -> list[SimSettlement]:
+        """The market ``ticker`` settles now (``result`` yes, no or scalar with ``value`` cents
+        per YES): its resting orders are canceled, each subaccount that traded it gets its
+        settlement row, and it no longer trades."""
+        for order_id in [i for i in self._resting if self._book[i].ticker == ticker]:
+            self.cancel(order_id)
+        if ticker in self.tickers and len(self.tickers) > 1:
+            self.tickers.remove(ticker)
+        event = ticker.rsplit("-", 1)[0]
+        return self.ledger.settle(ticker, event, result, value, to_ms(self.now))
+
+    def archive_event(self, event_ticker: str) -> int:
+        """The event moves to the historical tier: its settlements vanish from the API."""
+        return self.ledger.archive(event_ticker)
 
     # -- truth, for tests and the demo --------------------------------------------------------
 
