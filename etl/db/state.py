@@ -182,6 +182,19 @@ def open_subaccounts(conn: Connection, account: str) -> set[int]:
     return {int(row[0]) for row in rows}
 
 
+def known_subaccounts(conn: Connection, account: str) -> set[int]:
+    """Every subaccount seen in ``account``'s orders and fills (0 always)."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT DISTINCT subaccount_number FROM orders WHERE account = :account "
+            "AND subaccount_number IS NOT NULL "
+            "UNION SELECT DISTINCT subaccount_number FROM fills WHERE account = :account"
+        ),
+        {"account": account},
+    )
+    return {0} | {int(row[0]) for row in rows}
+
+
 BACKFILL_STREAM = "orders:backfill"
 # The row of the user_orders WebSocket: the newest exchange time committed from it.
 LIVE_STREAM = "orders:stream"

@@ -42,7 +42,7 @@ from etl.kalshi.parse import (
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R", Order, QueuePosition)
+R = TypeVar("R")  # a parsed record: a dataclass with ``raw``
 
 ORDER_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Order) if f.name != "line")
 _STAGE = "kalshi_etl_orders_stage"
@@ -388,9 +388,19 @@ def write_records(
             orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
             detail = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
             reason = f"PostgreSQL refused it: {type(orig).__name__}: {detail}"
-            log.warning("order %s: %s", record.order_id, reason)
-            refused.append(Rejected(reason, escaped_text(record.raw)))
+            log.warning("%s: %s", _label(record), reason)
+            refused.append(Rejected(reason, escaped_text(getattr(record, "raw", None))))
     return counts, refused
+
+
+def _label(record: object) -> str:
+    """``order 0001…`` / ``fill f-1`` / ``record``: what a log line calls a record."""
+    for kind in ("order", "fill"):
+        value = getattr(record, f"{kind}_id", None)
+        if value:
+            return f"{kind} {value}"
+    ticker = getattr(record, "ticker", None)
+    return f"record of {ticker}" if ticker else "record"
 
 
 T = TypeVar("T")

@@ -49,6 +49,7 @@ PageSize = int | Literal["auto"]
 _RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # Answers that mean "this server does not have that endpoint", never worth a retry.
 NOT_SERVED = frozenset({404, 405, 501})
+_UNSERVED: set[str] = set()  # listing paths found not served, said once per process
 
 
 class TokenBucket:
@@ -168,6 +169,10 @@ class HistoricalCutoff:
 
     orders_updated_ts: datetime | None
     raw: Mapping[str, Any]
+
+    def of(self, field: str) -> datetime | None:
+        """The cutoff of another record kind (``trades_created_ts`` for fills)."""
+        return _rfc3339(self.raw.get(field), what=f"historical cutoff {field}")
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -413,6 +418,39 @@ class KalshiClient:
             raise
         yield first
         yield from pages
+
+    def iter_pages(self, path: str, items_key: str, **filters: Any) -> Iterator[Page]:
+        """Pages of any listing (``portfolio/fills``, ``historical/fills``,
+        ``portfolio/settlements``…), ``None`` filters left out, every filter resent with every
+        page. A server that does not serve ``path`` (404, 405 or 501 on the first page) lists
+        nothing, and says so once per process."""
+        pages = self._paginate(path, _drop_none(**filters), items_key=items_key)
+        try:
+            first = next(pages)
+        except StopIteration:
+            return
+        except ApiStatusError as exc:
+            if exc.status not in NOT_SERVED:
+                raise
+            if path not in _UNSERVED:
+                _UNSERVED.add(path)
+                log.info(
+                    "GET /%s is not served by this server (%d): nothing to read", path, exc.status
+                )
+            return
+        yield first
+        yield from pages
+
+    def subaccount_numbers(self) -> set[int]:
+        """The subaccounts ``GET /portfolio/subaccounts/balances`` lists (none where the server
+        does not serve it)."""
+        body = self._optional_json("portfolio/subaccounts/balances")
+        numbers: set[int] = set()
+        for item in (body or {}).get("subaccount_balances") or []:
+            number = item.get("subaccount_number") if isinstance(item, dict) else None
+            if isinstance(number, int) and not isinstance(number, bool) and 0 <= number <= 63:
+                numbers.add(number)
+        return numbers
 
     def get_order(self, order_id: str) -> Any | None:
         """``GET /portfolio/orders/{order_id}`` → the raw order, or ``None`` on 404.

@@ -1,0 +1,160 @@
+"""Sync any :class:`~etl.streams.Listing` (fills, settlements…): the engine's pull for each
+partition, then the watermark, in one recorded run under the stream's lock.
+
+One run:
+
+1. the watermark to be is the server's ``user_data_timestamp`` taken *before* reading (the
+   local clock where the server has none or is behind): never past what the server has seen;
+2. the partitions: the whole listing, or (``per_subaccount``) one listing per subaccount,
+   the subaccounts being {0} ∪ those ``/portfolio/subaccounts/balances`` lists ∪ those seen
+   in the account's orders and fills;
+3. each partition's live listing, with ``min_ts`` = watermark − lookback after the first run
+   (``incremental`` streams); then, where the stream has a historical tier, that tier for the
+   span the cutoff hides from the live one (all of it on the first run): read after the live
+   pull, so that records moving between tiers meanwhile are found;
+4. the watermark, once every listing has been read to its end.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Connection, Engine
+
+from etl.db.engine import connection
+from etl.db.state import known_subaccounts, read_state, write_state
+from etl.db.upsert import Counts, write_records
+from etl.db.write import write_rows
+from etl.kalshi.client import KalshiClient
+from etl.kalshi.parse import Rejected
+from etl.streams import Listing
+from etl.sync import engine
+from etl.sync.engine import Checkpoint, Sink
+from etl.sync.orders import SyncResult
+from etl.sync.run import Clock, Run, recorded_run, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def listing_sink(stream: Listing, *, subaccount: int | None = None) -> Sink[Any]:
+    """How the engine parses and writes ``stream``'s pages (of ``subaccount``, when the
+    stream is listed per subaccount)."""
+    parse = (
+        functools.partial(stream.parse, subaccount=subaccount)
+        if stream.per_subaccount
+        else stream.parse
+    )
+
+    def rows(run: Run, records: Sequence[Any]) -> list[dict[str, Any]]:
+        return [
+            {"account": run.account, **{c: getattr(r, c) for c in stream.columns}} for r in records
+        ]
+
+    def write(
+        conn: Connection, run: Run, good: Sequence[Any], one_by_one: bool
+    ) -> tuple[Counts, list[Rejected]]:
+        synced_at = utcnow()
+        return write_records(
+            conn,
+            good,
+            lambda c, batch: write_rows(c, stream.rule, rows(run, batch), synced_at=synced_at),
+            one_by_one=one_by_one,
+        )
+
+    def checkpoint(conn: Connection, run: Run, point: Checkpoint) -> None:
+        write_state(conn, run.account, stream.name, watermark=point.watermark)
+
+    return Sink(
+        stream=stream.name, noun=stream.noun, parse=parse, write=write, checkpoint=checkpoint
+    )
+
+
+def sync_listing(
+    db: Engine,
+    client: KalshiClient,
+    stream: Listing,
+    *,
+    account: str,
+    lookback: timedelta = timedelta(minutes=5),
+    lock_wait: float = 30.0,
+    clock: Clock = utcnow,
+    stop: threading.Event | None = None,
+) -> SyncResult:
+    """One incremental run of ``stream`` for ``account`` (see the module docstring).
+
+    Raises:
+        LockBusyError: another process holds the stream's lock after ``lock_wait`` seconds.
+        ApiError, DatabaseError: the run is recorded as failed first.
+    """
+    with recorded_run(
+        db, account, stream.name, "incremental", lock_wait=lock_wait, clock=clock, stop=stop
+    ) as run:
+        with connection(db) as conn:
+            state = read_state(conn, account, stream.name)
+            subaccounts = known_subaccounts(conn, account) if stream.per_subaccount else set()
+        now = clock()
+        as_of = client.user_data_timestamp()
+        watermark = now if as_of is None else min(as_of, now)
+        since: datetime | None = None
+        if stream.incremental and state is not None and state.watermark is not None:
+            since = state.watermark - lookback
+        min_ts = None if since is None else int(since.timestamp())
+        partitions: list[int | None] = [None]
+        if stream.per_subaccount:
+            partitions = [*sorted(subaccounts | client.subaccount_numbers())]
+        counts = Counts()
+        for subaccount in partitions:
+            sink = listing_sink(stream, subaccount=subaccount)
+            of = "" if subaccount is None else f" of subaccount {subaccount}"
+            counts += engine.pull(
+                run,
+                sink,
+                client.iter_pages(
+                    stream.path, stream.items_key, min_ts=min_ts, subaccount=subaccount
+                ),
+                checkpoint=None,
+                label=f"{stream.noun}{of}",
+            )
+            counts += _historical(
+                run, client, stream, sink, since=since, min_ts=min_ts, subaccount=subaccount
+            )
+        engine.write_parsed(
+            run, listing_sink(stream), [], [], checkpoint=Checkpoint(watermark=watermark)
+        )
+    return SyncResult(run_id=run.run_id, counts=counts, watermark=watermark)
+
+
+def _historical(
+    run: Run,
+    client: KalshiClient,
+    stream: Listing,
+    sink: Sink[Any],
+    *,
+    since: datetime | None,
+    min_ts: int | None,
+    subaccount: int | None,
+) -> Counts:
+    """The historical tier of ``stream``, where it has one and the span asked for reaches
+    behind the cutoff (every time on a first run)."""
+    if stream.historical_path is None:
+        return Counts()
+    cutoff = client.historical_cutoff()
+    if cutoff is None:
+        return Counts()
+    hidden_before = cutoff.of(stream.cutoff_field) if stream.cutoff_field else None
+    if since is not None and hidden_before is not None and since >= hidden_before:
+        return Counts()  # everything since the watermark is still live
+    return engine.pull(
+        run,
+        sink,
+        client.iter_pages(
+            stream.historical_path, stream.items_key, min_ts=min_ts, subaccount=subaccount
+        ),
+        checkpoint=None,
+        label=f"historical {stream.noun}",
+    )

@@ -1,0 +1,144 @@
+"""Fills and settlements synced on the engine against the trading simulator: every table
+equals its truth (fills of both tiers, settlements of every subaccount, scalar results), a
+rerun adds nothing, a settlement captured while live survives its archival, a malformed fill
+is kept in rejected_records, and a server without the endpoint is a run with nothing
+fetched."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from etl.simulator import Exchange
+from etl.streams.fills import FILLS
+from etl.streams.settlements import SETTLEMENTS
+from etl.sync.listing import sync_listing
+from etl.sync.orders import sync_orders
+from tests.fix_exchange import make_client, rewriting
+from tests.sync.helpers import ACCOUNT, count, runs
+
+
+def stored_fills(db) -> dict[str, dict[str, Any]]:
+    with db.connect() as conn:
+        return {r.fill_id: r.raw for r in conn.execute(sa.text("SELECT fill_id, raw FROM fills"))}
+
+
+def fills_truth(exchange: Exchange) -> dict[str, dict[str, Any]]:
+    return {fill.fill_id: fill.render() for fill in exchange.ledger.fills()}
+
+
+def stored_settlements(db) -> dict[tuple[int, str], tuple[Any, ...]]:
+    with db.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT subaccount_number, ticker, market_result, revenue, value, "
+                "yes_count_fp, no_count_fp, raw FROM settlements"
+            )
+        )
+        return {(r[0], r[1]): tuple(r[2:]) for r in rows}
+
+
+def settlements_truth(exchange: Exchange) -> dict[tuple[int, str], tuple[Any, ...]]:
+    return {
+        (s.subaccount, s.ticker): (
+            s.result,
+            s.revenue,
+            s.value,
+            Decimal(s.yes_count).quantize(Decimal("0.01")),
+            Decimal(s.no_count).quantize(Decimal("0.01")),
+            s.render(),
+        )
+        for s in exchange.ledger.settlements(include_archived=True)
+    }
+
+
+def test_fills_of_both_tiers_equal_the_truth_and_a_rerun_adds_nothing(db, client, exchange):
+    historical = [f for f in exchange.ledger.fills() if f.created < exchange.cutoff()]
+    assert historical, "the fixture's exchange has fills only the historical tier serves"
+    result = sync_listing(db, client, FILLS, account=ACCOUNT)
+    assert stored_fills(db) == fills_truth(exchange)
+    assert result.counts.inserted == len(fills_truth(exchange))
+
+    again = sync_listing(db, client, FILLS, account=ACCOUNT)
+    assert again.counts.inserted == again.counts.updated == 0
+    assert count(db, "SELECT count(*) FROM fills") == len(fills_truth(exchange))
+
+
+def test_new_fills_are_read_incrementally_while_the_exchange_trades(db, client, exchange):
+    sync_listing(db, client, FILLS, account=ACCOUNT)
+    for _ in range(3):
+        exchange.step(40, every=timedelta(seconds=1))
+        sync_listing(db, client, FILLS, account=ACCOUNT)
+    assert stored_fills(db) == fills_truth(exchange)
+    assert all(run.status == "succeeded" for run in runs(db))
+
+
+def test_the_fills_of_an_order_add_up_to_its_fill_count_and_fees(db, client, exchange):
+    sync_orders(db, client, account=ACCOUNT)
+    sync_listing(db, client, FILLS, account=ACCOUNT)
+    mismatched = count(
+        db,
+        """
+        SELECT count(*) FROM orders o
+        LEFT JOIN (SELECT order_id, sum(count_fp) AS n, sum(fee_cost) AS fees
+                   FROM fills GROUP BY order_id) f ON f.order_id = o.order_id
+        WHERE coalesce(f.n, 0) <> o.fill_count_fp
+           OR coalesce(f.fees, 0) <> o.taker_fees_dollars + o.maker_fees_dollars
+        """,
+    )
+    assert mismatched == 0
+
+
+def test_settlements_of_every_subaccount_equal_the_truth_and_survive_archival(db, client, exchange):
+    yes, no, scalar = exchange.tickers[:3]
+    exchange.settle_market(yes, "yes")
+    exchange.settle_market(no, "no")
+    exchange.settle_market(scalar, "scalar", 50)
+    assert {s.subaccount for s in exchange.ledger.settlements()} == {0, 1}
+    sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
+    assert stored_settlements(db) == settlements_truth(exchange)
+
+    event = yes.rsplit("-", 1)[0]
+    assert exchange.archive_event(event) > 0  # gone from the API for good
+    result = sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
+    assert result.counts.fetched < len(settlements_truth(exchange))
+    assert stored_settlements(db) == settlements_truth(exchange)  # the rows stay
+
+
+def test_a_malformed_fill_is_kept_in_rejected_records_and_the_rest_is_written(
+    db, app, private_key, exchange
+):
+    def corrupt(request: httpx.Request, body: dict) -> dict:
+        if request.url.path.endswith("/portfolio/fills") and not body.get("cursor"):
+            # the last page, which has room for one more
+            body["fills"].append({"fill_id": "bad-1", "ticker": "M", "count_fp": "many"})
+        return body
+
+    client = make_client(rewriting(app, corrupt), private_key)
+    result = sync_listing(db, client, FILLS, account=ACCOUNT)
+    assert result.counts.rejected >= 1
+    with db.connect() as conn:
+        errors = conn.execute(
+            sa.text("SELECT error FROM rejected_records WHERE stream = 'fills'")
+        ).scalars()
+        assert [e for e in errors if "bad-1" in e and "count_fp" in e]
+    assert stored_fills(db) == fills_truth(exchange)
+    assert runs(db)[-1].status == "succeeded"
+
+
+def test_a_server_without_the_endpoint_is_a_run_with_nothing_fetched(db, app, private_key):
+    def without_settlements(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/portfolio/settlements"):
+            return httpx.Response(404, json={"code": "not_found", "message": "not found"})
+        answer = httpx.WSGITransport(app=app).handle_request(request)
+        answer.read()
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    client = make_client(httpx.MockTransport(without_settlements), private_key)
+    result = sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
+    assert result.counts.fetched == 0
+    assert runs(db)[-1].status == "succeeded"
