@@ -104,7 +104,8 @@ def test_the_daemon_waits_for_an_api_that_cannot_be_reached_yet(
         server_address = ("127.0.0.1", api_port)
 
     env = daemon_env(Later(), private_key, key_file, database_url, tmp_path, metrics_port)
-    proc = spawn(["daemon", "--orders-every", "1s", "--queue-every", "1s"], env)
+    every = ["--orders-every", "1s", "--queue-every", "1s", "--fills-every", "1s"]
+    proc = spawn(["daemon", *every, "--settlements-every", "1s"], env)
     url = f"http://127.0.0.1:{metrics_port}"
     server = None
     try:

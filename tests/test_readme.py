@@ -7,6 +7,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from etl.streams.fills import FILLS
+from etl.streams.settlements import SETTLEMENTS
+from etl.sync.listing import sync_listing
 from etl.sync.orders import sync_orders
 from etl.sync.queue import poll_queue_positions
 from tests.sync.helpers import ACCOUNT
@@ -25,6 +28,9 @@ def readme_statements() -> list[str]:
 def test_the_readmes_queries_run_and_answer(db, client, exchange):
     sync_orders(db, client, account=ACCOUNT)
     poll_queue_positions(db, client, account=ACCOUNT)
+    exchange.settle_market(exchange.tickers[0], "yes")
+    sync_listing(db, client, FILLS, account=ACCOUNT)
+    sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
     order_id = exchange.resting_ids()[0]
     statements = readme_statements()
     assert len(statements) >= 7

@@ -38,7 +38,8 @@ def test_three_replicas_share_the_jobs_take_over_from_dead_ones_and_converge(
     with serve_accounts(accounts, tmp_path, database_url) as live:
         supervisor = Supervisor(live.env, tmp_path)
         every = ["--orders-every", f"{INTERVAL:g}s", "--queue-every", f"{INTERVAL:g}s"]
-        replicas = [Process(f"daemon-{n}", ["daemon", *every]) for n in range(1, 4)]
+        streams = ["--streams", "orders,queue_positions"]  # the jobs `keys` names
+        replicas = [Process(f"daemon-{n}", ["daemon", *streams, *every]) for n in range(1, 4)]
         try:
             for replica in replicas:
                 supervisor.add(replica)

@@ -59,7 +59,18 @@ def test_a_job_failure_is_one_log_line_without_a_traceback(caplog):
 @pytest.mark.slow
 def test_sigterm_stops_the_daemon_cleanly_with_exit_0(db, live_simulator, exchange):
     live_simulator.app.faults.latency = 0.02
-    proc = spawn(["daemon", "--orders-every", "1s", "--queue-every", "1s"], live_simulator.env)
+    proc = spawn(
+        [
+            "daemon",
+            "--streams",
+            "orders,queue_positions",
+            "--orders-every",
+            "1s",
+            "--queue-every",
+            "1s",
+        ],
+        live_simulator.env,
+    )
     wait_until(lambda: sum(r.status == "succeeded" for r in runs(db)) >= 3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)

@@ -12,6 +12,7 @@ from datetime import timedelta
 from etl.cli.wiring import (
     Commands,
     chosen_accounts,
+    chosen_streams,
     claim_accounts,
     duration,
     log,
@@ -28,6 +29,9 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from etl.health import Liveness, OperatorServer, Readiness
     from etl.kalshi.stream import stream_url
     from etl.scheduler import Job, run_daemon
+    from etl.streams import Listing
+    from etl.streams.registry import LISTINGS
+    from etl.sync.listing import sync_listing
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
     from etl.sync.realtime import RealtimeOrders
@@ -40,7 +44,18 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     # While the stream is up, REST is the safety net and runs less often; the readiness of
     # the orders job is judged against that longer interval.
     rest_every = max(args.orders_every, args.realtime_rest_every) if realtime else args.orders_every
-    intervals = {"orders": rest_every, "queue_positions": args.queue_every}
+    chosen = chosen_streams(args)
+    every = {
+        "orders": args.orders_every,
+        "queue_positions": args.queue_every,
+        "fills": args.fills_every,
+        "settlements": args.settlements_every,
+    }
+    intervals = {
+        stream: rest_every if stream == "orders" else every[stream]
+        for stream in chosen
+        if stream in every
+    }
     port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     liveness = Liveness()
     server = None
@@ -118,11 +133,31 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
 
         return job
 
+    def listing_job(name: str, listing: Listing) -> Job:
+        def job(stop: threading.Event) -> None:
+            if due(name, listing.name, every[listing.name]):
+                sync_listing(
+                    engine,
+                    clients[name],
+                    listing,
+                    account=name,
+                    lookback=settings.lookback,
+                    lock_wait=0,
+                    stop=stop,
+                )
+
+        return job
+
     jobs: dict[str, tuple[Job, timedelta]] = {}
     for account in accounts:
         of = f" of {account.name}" if len(accounts) > 1 else ""
-        jobs["orders" + of] = (orders_job(account.name), args.orders_every)
-        jobs["queue_positions" + of] = (queue_job(account.name), args.queue_every)
+        if "orders" in chosen:
+            jobs["orders" + of] = (orders_job(account.name), args.orders_every)
+        if "queue_positions" in chosen:
+            jobs["queue_positions" + of] = (queue_job(account.name), args.queue_every)
+        for kind in chosen:
+            if kind in LISTINGS:
+                jobs[kind + of] = (listing_job(account.name, LISTINGS[kind]), every[kind])
 
     def exit_now() -> None:
         logging.shutdown()
@@ -153,6 +188,16 @@ def register(commands: Commands) -> None:
     commands.allow_simulated(p)
     p.add_argument(
         "--orders-every", type=duration, default="30s", help="orders sync interval (default 30s)"
+    )
+    commands.streams(p)
+    p.add_argument(
+        "--fills-every", type=duration, default="30s", help="fills sync interval (default 30s)"
+    )
+    p.add_argument(
+        "--settlements-every",
+        type=duration,
+        default="10m",
+        help="settlements interval (default 10m; they vanish from the API when archived)",
     )
     p.add_argument(
         "--queue-every",

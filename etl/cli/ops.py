@@ -29,7 +29,15 @@ from etl.db.engine import (
     psql_executable,
     transaction,
 )
-from etl.db.models import orders, queue_position_snapshots, rejected_records, sync_runs, sync_state
+from etl.db.models import (
+    fills,
+    orders,
+    queue_position_snapshots,
+    rejected_records,
+    settlements,
+    sync_runs,
+    sync_state,
+)
 from etl.db.state import LIVE_STREAM, stream_health
 from etl.errors import (
     ConfigError,
@@ -200,7 +208,15 @@ def status_lines(engine: Engine, account: str | None = None) -> list[str]:
                     f"{state.updated_at.isoformat(timespec='seconds')})"
                 )
         lines.append("rows" if account is None else f"rows of account {account}")
-        for table in (orders, queue_position_snapshots, sync_runs, sync_state, rejected_records):
+        for table in (
+            orders,
+            queue_position_snapshots,
+            fills,
+            settlements,
+            sync_runs,
+            sync_state,
+            rejected_records,
+        ):
             count = conn.execute(
                 sa.select(sa.func.count()).select_from(table).where(*of(table))
             ).scalar_one()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from sqlalchemy.engine import Engine
 from etl.cli.wiring import (
     EXIT_INTERRUPTED,
     Commands,
+    chosen_streams,
     duration,
     explain_auth,
     log,
@@ -59,23 +61,41 @@ def _sync_account(
     many: bool,
 ) -> int:
     """One pass over one account's streams; returns how many failed."""
+    from etl.streams.registry import LISTINGS
+    from etl.sync.listing import sync_listing
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
 
     name = account.name
     of = f" of {name}" if many else ""
     steps: list[tuple[str, Callable[[], object]]] = []
-    if args.orders:
-        steps.append(
-            (
-                "orders" + of,
-                lambda: sync_orders(engine, client, account=name, lookback=settings.lookback),
+    for stream in chosen_streams(args):
+        if stream == "orders":
+            steps.append(
+                (
+                    "orders" + of,
+                    lambda: sync_orders(engine, client, account=name, lookback=settings.lookback),
+                )
             )
-        )
-    if args.queue:
-        steps.append(
-            ("queue positions" + of, lambda: poll_queue_positions(engine, client, account=name))
-        )
+        elif stream == "queue_positions":
+            steps.append(
+                ("queue positions" + of, lambda: poll_queue_positions(engine, client, account=name))
+            )
+        else:
+            listing = LISTINGS[stream]
+            steps.append(
+                (
+                    stream + of,
+                    functools.partial(
+                        sync_listing,
+                        engine,
+                        client,
+                        listing,
+                        account=name,
+                        lookback=settings.lookback,
+                    ),
+                )
+            )
     failed = 0
     for index, (step_name, step) in enumerate(steps):
         try:
@@ -212,8 +232,11 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 def register(commands: Commands) -> None:
     """Add this module's commands to the parser."""
     p = commands.add_for_accounts(
-        "sync", cmd_sync, "one incremental pass: orders, then queue positions"
+        "sync",
+        cmd_sync,
+        "one incremental pass over every stream: orders, queue positions, fills, settlements",
     )
+    commands.streams(p)
     commands.allow_simulated(p)
     p.add_argument(
         "--orders",

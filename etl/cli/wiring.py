@@ -249,6 +249,38 @@ def duration(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("duration: ")) from None
 
 
+def stream_list(text: str) -> tuple[str, ...]:
+    """An argparse type: ``--streams orders,fills`` → the names, checked."""
+    from etl.streams.registry import AVAILABLE, NAMES
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one stream, e.g. orders,fills")
+    for name in names:
+        if name not in NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown stream {name!r}; the streams are: {', '.join(NAMES)}"
+            )
+        if name not in AVAILABLE:
+            raise argparse.ArgumentTypeError(
+                f"stream {name!r} is not synced by this release yet; it syncs: "
+                + ", ".join(AVAILABLE)
+            )
+    return names
+
+
+def chosen_streams(args: argparse.Namespace) -> tuple[str, ...]:
+    """The streams a command covers: ``--streams`` (default: every one), less those
+    ``--no-orders`` and ``--no-queue`` turn off."""
+    from etl.streams.registry import AVAILABLE
+
+    chosen = args.streams or AVAILABLE
+    off = {"orders"} if getattr(args, "orders", True) is False else set()
+    if getattr(args, "queue", True) is False:
+        off.add("queue_positions")
+    return tuple(name for name in chosen if name not in off)
+
+
 class Commands:
     """What a command module registers its commands with (``register(commands)``): the
     subparsers, and the options several commands share."""
@@ -281,6 +313,17 @@ class Commands:
         )
         p.set_defaults(func=func)
         return p
+
+    @staticmethod
+    def streams(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--streams",
+            type=stream_list,
+            default=None,
+            metavar="LIST",
+            help="only these streams, e.g. orders,fills (default: every stream: orders, "
+            "queue_positions, fills, settlements)",
+        )
 
     @staticmethod
     def allow_simulated(p: argparse.ArgumentParser) -> None:

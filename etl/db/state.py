@@ -320,17 +320,25 @@ def stream_health(
     return health
 
 
-def since_last_start(conn: Connection, account: str, stream: str) -> timedelta | None:
-    """How long ago (by the database's clock) a run of (account, stream) last started, in any
-    process; ``None`` before the first. One index probe."""
-    elapsed = conn.execute(
+@dataclass(frozen=True)
+class LastStart:
+    """The latest run of an (account, stream), in any process."""
+
+    ago: timedelta  # by the database's clock
+    failed: bool
+
+
+def last_start(conn: Connection, account: str, stream: str) -> LastStart | None:
+    """How long ago a run of (account, stream) last started, in any process, and whether it
+    failed; ``None`` before the first. One index probe."""
+    row = conn.execute(
         sa.text(
-            "SELECT now() - max(started_at) FROM sync_runs "
-            "WHERE account = :account AND stream = :stream"
+            "SELECT now() - started_at AS ago, status = 'failed' AS failed FROM sync_runs "
+            "WHERE account = :account AND stream = :stream ORDER BY started_at DESC LIMIT 1"
         ),
         {"account": account, "stream": stream},
-    ).scalar()
-    return elapsed if isinstance(elapsed, timedelta) else None
+    ).first()
+    return None if row is None else LastStart(row.ago, bool(row.failed))
 
 
 def last_successes(

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from etl import metrics
 from etl.db.engine import StreamLock, connection, stream_lock, transaction
-from etl.db.state import Mode, RunStatus, finish_run, since_last_start, start_run
+from etl.db.state import Mode, RunStatus, finish_run, last_start, start_run
 from etl.db.upsert import Counts
 from etl.errors import DatabaseError, StopRequested
 
@@ -104,22 +104,30 @@ class Unrecorded:
 UNRECORDED = Unrecorded()
 
 
+RETRY_FAILED = timedelta(seconds=30)  # a failed run is tried again this soon (or its interval)
+
+
 def is_due(
     engine: Engine, account: str, stream: str, every: timedelta, *, slack: timedelta
 ) -> bool:
     """Whether a scheduled run of (account, ``stream``) is due: no run of it started within
-    ``every`` (less ``slack``) in any process sharing the database. Replicas check this shared
-    record before they run a job, so N daemons make about the API calls of one; a replica
-    that died stops starting runs, and another finds the job due an interval later.
+    ``every`` (less ``slack``) in any process sharing the database; after a failed run, within
+    :data:`RETRY_FAILED` (an API or database not up yet at start must not leave a stream of a
+    10-minute interval unready for 10 minutes). Replicas check this shared record before they
+    run a job, so N daemons make about the API calls of one; a replica that died stops
+    starting runs, and another finds the job due an interval later.
 
     A database that does not answer makes the job due: the run then fails and says so once.
     """
     try:
         with connection(engine) as conn:
-            elapsed = since_last_start(conn, account, stream)
+            last = last_start(conn, account, stream)
     except DatabaseError:
         return True
-    return elapsed is None or elapsed >= every - slack
+    if last is None:
+        return True
+    wait = min(every, RETRY_FAILED) if last.failed else every
+    return last.ago >= wait - slack
 
 
 def describe(exc: BaseException) -> str:

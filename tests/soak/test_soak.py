@@ -1,4 +1,4 @@
-"""A short soak in `make test` (`make soak` runs the long one): replicas, a backfill and
+"""A short soak in `make test-long` (`make soak` runs the long one): replicas, a backfill and
 several accounts under 5xx, 429, slow answers, malformed records, kill -9 and a PostgreSQL
 restart converge with nothing lost (see tests/soak/driver.py for what is checked)."""
 

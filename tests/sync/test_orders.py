@@ -179,14 +179,16 @@ def test_a_stop_request_commits_the_page_in_flight_then_ends_the_run(db, client)
 def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
     live_simulator.app.faults.latency = 0.03
     env = {**live_simulator.env, "KALSHI_PAGE_SIZE": "10"}
-    proc = spawn(["sync", "--no-queue"], env)
+    proc = spawn(["sync", "--streams", "orders"], env)
     wait_until(lambda: count(db, "SELECT count(*) FROM orders") >= 40)
     proc.kill()  # SIGKILL: no cleanup of any kind
     proc.communicate()
     partial = count(db, "SELECT count(*) FROM orders")
     assert 0 < partial < len(exchange.truth())
     live_simulator.app.faults.latency = 0
-    rerun = subprocess.run([*CLI, "sync", "--no-queue"], env=env, capture_output=True, text=True)
+    rerun = subprocess.run(
+        [*CLI, "sync", "--streams", "orders"], env=env, capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert_table_equals_truth(db, exchange)
     assert count(db, "SELECT count(*) FROM orders") == len(exchange.truth())
@@ -199,7 +201,7 @@ def test_a_sync_killed_mid_run_converges_on_rerun(db, live_simulator, exchange):
 def test_two_concurrent_syncs_never_interleave(db, live_simulator, exchange):
     live_simulator.app.faults.latency = 0.1  # each run takes ~2 s: longer than any start skew
     env = {**live_simulator.env, "KALSHI_PAGE_SIZE": "25"}
-    procs = [spawn(["sync", "--no-queue"], env) for _ in range(2)]
+    procs = [spawn(["sync", "--streams", "orders"], env) for _ in range(2)]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert any("waiting for another run" in err for _, err in outputs)  # they did collide

@@ -1,0 +1,16 @@
+"""Every stream by name: the contract's names, and the listing declarations behind them."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from etl.streams import Listing
+from etl.streams.fills import FILLS
+from etl.streams.settlements import SETTLEMENTS
+
+# The contract's stream names, in the order a pass runs them.
+NAMES: Final = ("orders", "queue_positions", "fills", "settlements", "positions", "balance", "cash")
+# The listing streams this release syncs (orders and queue positions have cycles of their own).
+LISTINGS: Final[dict[str, Listing]] = {s.name: s for s in (FILLS, SETTLEMENTS)}
+# What a pass covers by default: every stream this release syncs.
+AVAILABLE: Final = ("orders", "queue_positions", *LISTINGS)
