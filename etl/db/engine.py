@@ -211,6 +211,20 @@ class StreamLock:
             )
 
 
+def lock_held(conn: sa.Connection, account: str, stream: str) -> bool:
+    """Whether any session holds the lock of (account, stream) now: a run recorded as
+    ``running`` whose lock no one holds died with its process."""
+    held = conn.execute(
+        sa.text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+            "AND classid = CAST(:ns AS int4)::oid AND objid = CAST(:key AS int4)::oid "
+            "AND objsubid = 2 AND granted)"
+        ),
+        {"ns": _LOCK_NAMESPACE, "key": lock_key(account, stream)},
+    ).scalar_one()
+    return bool(held)
+
+
 @contextlib.contextmanager
 def stream_lock(
     engine: Engine, account: str, stream: str, *, wait: float = 30.0, poll: float = 0.25

@@ -325,20 +325,20 @@ class LastStart:
     """The latest run of an (account, stream), in any process."""
 
     ago: timedelta  # by the database's clock
-    failed: bool
+    status: str  # running | succeeded | failed
 
 
 def last_start(conn: Connection, account: str, stream: str) -> LastStart | None:
-    """How long ago a run of (account, stream) last started, in any process, and whether it
-    failed; ``None`` before the first. One index probe."""
+    """How long ago a run of (account, stream) last started, in any process, and how it
+    stands; ``None`` before the first. One index probe."""
     row = conn.execute(
         sa.text(
-            "SELECT now() - started_at AS ago, status = 'failed' AS failed FROM sync_runs "
+            "SELECT now() - started_at AS ago, status FROM sync_runs "
             "WHERE account = :account AND stream = :stream ORDER BY started_at DESC LIMIT 1"
         ),
         {"account": account, "stream": stream},
     ).first()
-    return None if row is None else LastStart(row.ago, bool(row.failed))
+    return None if row is None else LastStart(row.ago, str(row.status))
 
 
 def last_successes(

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.engine import Connection, Engine
 
 from etl import metrics
-from etl.db.engine import StreamLock, connection, stream_lock, transaction
+from etl.db.engine import StreamLock, connection, lock_held, stream_lock, transaction
 from etl.db.state import Mode, RunStatus, finish_run, last_start, start_run
 from etl.db.upsert import Counts
 from etl.errors import DatabaseError, StopRequested
@@ -113,20 +113,25 @@ def is_due(
     """Whether a scheduled run of (account, ``stream``) is due: no run of it started within
     ``every`` (less ``slack``) in any process sharing the database; after a failed run, within
     :data:`RETRY_FAILED` (an API or database not up yet at start must not leave a stream of a
-    10-minute interval unready for 10 minutes). Replicas check this shared record before they
-    run a job, so N daemons make about the API calls of one; a replica that died stops
-    starting runs, and another finds the job due an interval later.
+    10-minute interval unready for 10 minutes); and at once after a run that died (still
+    ``running``, its lock free), while one that is alive is left to finish. Replicas check
+    this shared record before they run a job, so N daemons make about the API calls of one;
+    a replica that died stops starting runs, and another finds the job due at once.
 
     A database that does not answer makes the job due: the run then fails and says so once.
     """
     try:
         with connection(engine) as conn:
             last = last_start(conn, account, stream)
+            # A run still marked running whose lock no one holds died with its process (a
+            # kill -9): due at once, so that the next run closes it and takes over.
+            if last is not None and last.status == "running":
+                return not lock_held(conn, account, stream)
     except DatabaseError:
         return True
     if last is None:
         return True
-    wait = min(every, RETRY_FAILED) if last.failed else every
+    wait = min(every, RETRY_FAILED) if last.status == "failed" else every
     return last.ago >= wait - slack
 
 

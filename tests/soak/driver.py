@@ -54,7 +54,7 @@ class SoakConfig:
     replicas: int = 3
     orders: int = 300  # per account at the start
     events_per_second: float = 2.0  # per account
-    interval: str = "1s"  # --orders-every and --queue-every
+    interval: str = "1s"  # --orders-every, --queue-every, --fills-every, --settlements-every
     error_rate: float = 0.05
     throttle_rate: float = 0.02
     slow_rate: float = 0.05
@@ -236,7 +236,10 @@ def _soak(
     env = {**live.env, "KALSHI_ETL_LOG_FORMAT": "text"}
     supervisor = Supervisor(env, folder)
     problems: list[str] = []
-    every = ["--orders-every", config.interval, "--queue-every", config.interval]
+    every = [
+        f"--{stream}-every={config.interval}"
+        for stream in ("orders", "queue", "fills", "settlements")
+    ]
     since = (datetime.now(UTC) - timedelta(days=65)).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         for n in range(1, config.replicas + 1):
