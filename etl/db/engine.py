@@ -184,6 +184,14 @@ def lock_key(account: str, stream: str) -> int:
     return zlib.crc32(f"{account}\x00{stream}".encode()) - 2**31
 
 
+# Whether the advisory lock (ns, key) is granted: to session ``pid``, or to any (NULL).
+_HELD = sa.text(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+    "AND classid = CAST(:ns AS int4)::oid AND objid = CAST(:key AS int4)::oid "
+    "AND objsubid = 2 AND granted AND (CAST(:pid AS int4) IS NULL OR pid = :pid))"
+)
+
+
 @dataclass(frozen=True)
 class StreamLock:
     """The advisory lock of one (account, stream), held by the session ``pid``."""
@@ -197,12 +205,7 @@ class StreamLock:
         """Raise :class:`LockLostError` unless the lock is still held by its session; call it
         in each transaction that writes, before its commit."""
         held = conn.execute(
-            sa.text(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
-                "AND classid = CAST(:ns AS int4)::oid AND objid = CAST(:key AS int4)::oid "
-                "AND objsubid = 2 AND pid = :pid AND granted)"
-            ),
-            {"ns": _LOCK_NAMESPACE, "key": self.key, "pid": self.pid},
+            _HELD, {"ns": _LOCK_NAMESPACE, "key": self.key, "pid": self.pid}
         ).scalar_one()
         if not held:
             raise LockLostError(
@@ -215,12 +218,7 @@ def lock_held(conn: sa.Connection, account: str, stream: str) -> bool:
     """Whether any session holds the lock of (account, stream) now: a run recorded as
     ``running`` whose lock no one holds died with its process."""
     held = conn.execute(
-        sa.text(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
-            "AND classid = CAST(:ns AS int4)::oid AND objid = CAST(:key AS int4)::oid "
-            "AND objsubid = 2 AND granted)"
-        ),
-        {"ns": _LOCK_NAMESPACE, "key": lock_key(account, stream)},
+        _HELD, {"ns": _LOCK_NAMESPACE, "key": lock_key(account, stream), "pid": None}
     ).scalar_one()
     return bool(held)
 
