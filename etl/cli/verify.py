@@ -10,10 +10,12 @@ from etl.errors import ApiStatusError
 
 if TYPE_CHECKING:
     from etl.db.compare import Comparison
-    from etl.sync.verify import VerifyResult
+    from etl.db.listed import RowComparison
+    from etl.sync.verify import ListingVerifyResult, VerifyResult
 
 from etl.cli.wiring import (
     Commands,
+    chosen_streams,
     explain_auth,
     number,
     open_accounts,
@@ -21,22 +23,85 @@ from etl.cli.wiring import (
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from etl.sync.verify import verify_orders
+    from etl.streams.registry import LISTINGS
+    from etl.sync.verify import verify_listing, verify_orders
 
     accounts, clients, engine = open_accounts(settings, args)
+    # Every stream that has a listing to compare with (queue positions have none).
+    streams = [s for s in chosen_streams(args) if s == "orders" or s in LISTINGS]
     differing = 0
     for account, client in zip(accounts, clients, strict=True):
         with client:
             try:
-                result = verify_orders(
-                    engine, client, account=account.name, repair=args.repair, examples=args.examples
-                )
+                for stream in streams:
+                    if stream == "orders":
+                        orders_result = verify_orders(
+                            engine,
+                            client,
+                            account=account.name,
+                            repair=args.repair,
+                            examples=args.examples,
+                        )
+                        lines, equal = verify_lines(orders_result), orders_result.equal
+                    else:
+                        listing_result = verify_listing(
+                            engine,
+                            client,
+                            LISTINGS[stream],
+                            account=account.name,
+                            repair=args.repair,
+                            examples=args.examples,
+                            lookback=settings.lookback,
+                        )
+                        lines, equal = listing_lines(listing_result), listing_result.equal
+                    for line in lines:
+                        print(line)
+                    differing += not equal
             except ApiStatusError as exc:
                 raise explain_auth(exc, account, settings) from exc
-        for line in verify_lines(result):
-            print(line)
-        differing += not result.equal
     return 1 if differing else 0
+
+
+def listing_lines(result: ListingVerifyResult) -> list[str]:
+    """The report of ``kalshi-etl verify`` for one listing stream of one account."""
+    stream, before = result.stream, result.before
+    lines = [
+        f"verify {result.account} {stream}: the API lists {before.listed}; {stream} holds "
+        f"{before.stored} for this account"
+    ]
+    texts = {
+        "missing": f"missing (listed, not in {stream})",
+        "stale": f"stale ({stream} holds another version)",
+        "extra": f"extra (in {stream}, not listed)",
+    }
+
+    def describe(comparison: RowComparison, indent: str) -> None:
+        for kind, text in texts.items():
+            n = comparison.counts[kind]
+            if n:
+                keys = comparison.examples[kind]
+                more = f" and {n - len(keys)} more" if n > len(keys) else ""
+                lines.append(f"{indent}{n} {text}: {', '.join(keys)}{more}")
+
+    describe(before, "  ")
+    if result.repaired is not None:
+        r = result.repaired
+        lines.append(f"  repaired: inserted {r.inserted}, updated {r.updated}")
+        if result.after is not None:
+            describe(result.after, "  after the repair, ")
+    check = result.fills_check
+    if check is not None and check.missing_fills:
+        lines.append(
+            f"  {check.missing_fills} closed orders whose fills do not add up to their fill "
+            f"count (missing fills): {', '.join(check.examples)}"
+        )
+    if check is not None and check.fee_differences:
+        lines.append(
+            f"  note: {check.fee_differences} orders whose fills' fees differ from the "
+            f"order's by more than $0.01 (rebates, rounding): {', '.join(check.fee_examples)}"
+        )
+    lines.append("  equal" if result.equal else "  DIFFERENT")
+    return lines
 
 
 _KIND_TEXT = {
@@ -88,8 +153,10 @@ def register(commands: Commands) -> None:
     p = commands.add_for_accounts(
         "verify",
         cmd_verify,
-        "compare orders with the complete listing of the API (both tiers); exit 1 on a difference",
+        "compare orders, fills and settlements with the complete listings of the API (both "
+        "tiers); exit 1 on a difference",
     )
+    commands.streams(p)
     p.add_argument(
         "--repair",
         action="store_true",

@@ -37,6 +37,8 @@ class Listing:
             records carry none).
         incremental: after the first run, ask only for records since the watermark less the
             lookback (``min_ts``); otherwise every run reads the whole listing.
+        forgotten: the API stops listing records that stay true (an archived settlement):
+            a stored record no longer listed is kept, and ``verify`` never calls it extra.
     """
 
     name: str
@@ -51,3 +53,4 @@ class Listing:
     cutoff_field: str | None = None
     per_subaccount: bool = False
     incremental: bool = True
+    forgotten: bool = False

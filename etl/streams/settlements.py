@@ -22,4 +22,5 @@ SETTLEMENTS = Listing(
     noun="settlements",
     per_subaccount=True,
     incremental=False,
+    forgotten=True,
 )

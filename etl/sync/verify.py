@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 
 from sqlalchemy.engine import Connection, Engine
 
+from etl.db import listed
 from etl.db.compare import (
     Comparison,
     add_to_listing,
@@ -30,10 +32,14 @@ from etl.db.compare import (
     unrecorded_rejects,
 )
 from etl.db.engine import connection
-from etl.db.state import add_to_run, open_orders
+from etl.db.listed import FillCheck, RowComparison
+from etl.db.state import add_to_run, known_subaccounts, open_orders
 from etl.db.upsert import Counts, insert_rejected, upsert_orders
+from etl.db.write import write_rows
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
+from etl.streams import Listing
+from etl.sync.listing import listing_sink
 from etl.sync.orders import STREAM, historical_pages
 from etl.sync.run import recorded_run, utcnow
 
@@ -136,6 +142,112 @@ def _repair(engine: Engine, conn: Connection, account: str, lock_wait: float) ->
                     tx, bad, stream=STREAM, account=account, received_at=utcnow()
                 )
                 counts = Counts(fetched=written, rejected=written)
+                add_to_run(tx, run.run_id, counts)
+            total += counts
+    return total
+
+
+@dataclass(frozen=True)
+class ListingVerifyResult:
+    """``verify`` of one listing stream: the comparison, the repair and the comparison after
+    it, and for fills the cross-check against their orders."""
+
+    account: str
+    stream: str
+    before: RowComparison
+    repaired: Counts | None = None
+    after: RowComparison | None = None
+    fills_check: FillCheck | None = None
+
+    @property
+    def equal(self) -> bool:
+        short = self.fills_check is not None and self.fills_check.missing_fills > 0
+        return (self.after or self.before).equal and not short
+
+
+def verify_listing(
+    engine: Engine,
+    client: KalshiClient,
+    stream: Listing,
+    *,
+    account: str,
+    repair: bool = False,
+    examples: int = 5,
+    lock_wait: float = 30.0,
+    lookback: timedelta = timedelta(minutes=5),
+) -> ListingVerifyResult:
+    """Compare the complete listing of ``stream`` (every partition, both tiers) with its
+    table; repair on ask (the API's version, even where the rule is "insert once").
+
+    Raises:
+        ApiError: the listing failed after retries (nothing was written).
+        LockBusyError: ``repair`` could not get the stream's lock in ``lock_wait``.
+    """
+    rule = stream.rule
+    started = utcnow()
+    with connection(engine) as conn:  # one session: the listing table is temporary
+        listed.start(conn)
+        conn.commit()
+        partitions: list[int | None] = [None]
+        if stream.per_subaccount:
+            subs = known_subaccounts(conn, account) | client.subaccount_numbers()
+            partitions = [*sorted(subs)]
+        for subaccount in partitions:
+            parse = listing_sink(stream, subaccount=subaccount).parse
+            for path in filter(None, (stream.path, stream.historical_path)):
+                for page in client.iter_pages(path, stream.items_key, subaccount=subaccount):
+                    parsed = [parse(item, screened=page.screened) for item in page.items]
+                    good = [p for p in parsed if not isinstance(p, Rejected)]
+                    listed.add(conn, [(listed.record_key(r, rule.key), r.raw) for r in good])
+                    conn.commit()
+
+        def comparison() -> RowComparison:
+            return listed.compare(
+                conn,
+                rule.table,
+                rule.key,
+                stream=stream.name,
+                account=account,
+                started=started,
+                examples=examples,
+                extras=not stream.forgotten,
+            )
+
+        before = comparison()
+        result = ListingVerifyResult(account, stream.name, before)
+        if repair and not before.equal:
+            repaired = _repair_listing(engine, conn, stream, account, lock_wait)
+            result = ListingVerifyResult(account, stream.name, before, repaired, comparison())
+        if stream.name == "fills":
+            check = listed.check_fills_against_orders(
+                conn, account=account, settled_before=started - lookback, examples=examples
+            )
+            result = replace(result, fills_check=check)
+        listed.end(conn)
+        conn.commit()
+    return result
+
+
+def _repair_listing(
+    engine: Engine, conn: Connection, stream: Listing, account: str, lock_wait: float
+) -> Counts:
+    """Write the listed version of every missing or stale record in a ``reconcile`` run."""
+    rule = stream.rule
+    total = Counts()
+    with recorded_run(engine, account, stream.name, "reconcile", lock_wait=lock_wait) as run:
+        for keyed in listed.differing(conn, rule.table, rule.key, account=account):
+            records = []
+            for key, raw in keyed:
+                # A per-subaccount record's key starts with its subaccount (its payload has none).
+                subaccount = int(key.split("/", 1)[0]) if stream.per_subaccount else None
+                parsed = listing_sink(stream, subaccount=subaccount).parse(raw, screened=False)
+                if not isinstance(parsed, Rejected):
+                    records.append(parsed)
+            rows = [
+                {"account": account, **{c: getattr(r, c) for c in stream.columns}} for r in records
+            ]
+            with run.transaction() as tx:
+                counts = write_rows(tx, rule, rows, synced_at=utcnow(), claim=True)
                 add_to_run(tx, run.run_id, counts)
             total += counts
     return total

@@ -142,3 +142,55 @@ def test_a_server_without_the_endpoint_is_a_run_with_nothing_fetched(db, app, pr
     result = sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
     assert result.counts.fetched == 0
     assert runs(db)[-1].status == "succeeded"
+
+
+def test_verify_of_fills_and_settlements_is_equal_after_a_sync_and_repairs_tampering(
+    db, client, exchange
+):
+    from etl.sync.verify import verify_listing
+
+    exchange.settle_market(exchange.tickers[0], "scalar", 72)
+    sync_orders(db, client, account=ACCOUNT)
+    for stream in (FILLS, SETTLEMENTS):
+        sync_listing(db, client, stream, account=ACCOUNT)
+        assert verify_listing(db, client, stream, account=ACCOUNT).equal, stream.name
+    fills_check = verify_listing(db, client, FILLS, account=ACCOUNT).fills_check
+    assert fills_check is not None and fills_check.missing_fills == 0
+
+    with db.begin() as conn:  # tampering: a fill lost, one changed, one settlement changed
+        gone = conn.execute(
+            sa.text(
+                "DELETE FROM fills WHERE fill_id = (SELECT min(fill_id) FROM fills) "
+                "RETURNING order_id"
+            )
+        ).scalar_one()
+        conn.execute(
+            sa.text(
+                "UPDATE fills SET raw = raw || '{\"x\": 1}' "
+                "WHERE fill_id = (SELECT max(fill_id) FROM fills)"
+            )
+        )
+        conn.execute(sa.text("UPDATE settlements SET raw = raw || '{\"x\": 1}'"))
+    fills_result = verify_listing(db, client, FILLS, account=ACCOUNT)
+    assert fills_result.before.counts == {"missing": 1, "stale": 1, "extra": 0}
+    assert not fills_result.equal
+    assert fills_result.fills_check is not None
+    if exchange.order(gone).status in ("executed", "canceled"):
+        assert fills_result.fills_check.missing_fills == 1
+    settled = verify_listing(db, client, SETTLEMENTS, account=ACCOUNT)
+    assert settled.before.counts["stale"] == len(exchange.ledger.settlements())
+
+    for stream in (FILLS, SETTLEMENTS):
+        repaired = verify_listing(db, client, stream, account=ACCOUNT, repair=True)
+        assert repaired.after is not None and repaired.after.equal, stream.name
+        assert verify_listing(db, client, stream, account=ACCOUNT).equal
+    assert stored_fills(db) == fills_truth(exchange)
+
+
+def test_an_archived_settlement_is_never_extra(db, client, exchange):
+    from etl.sync.verify import verify_listing
+
+    exchange.settle_market(exchange.tickers[1], "no")
+    sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
+    exchange.archive_event(exchange.tickers[1].rsplit("-", 1)[0])
+    assert verify_listing(db, client, SETTLEMENTS, account=ACCOUNT).equal
