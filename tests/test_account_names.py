@@ -14,6 +14,8 @@ import sqlalchemy as sa
 
 from etl.db.models import metadata
 from etl.simulator.keys import key_id
+from etl.streams.settlements import SETTLEMENTS
+from etl.sync.listing import sync_listing
 from etl.sync.orders import sync_orders
 from etl.sync.queue import poll_queue_positions
 from etl.sync.verify import verify_orders
@@ -118,9 +120,13 @@ def test_a_repair_claims_orders_stored_under_another_name_and_converges(
     assert count(db, "SELECT count(*) FROM orders WHERE account = 'old-name'") == 0
 
 
-def test_renaming_to_a_name_already_in_use_keeps_one_state_row_per_stream(db, client, tmp_path):
-    sync_orders(db, client, account="old")
-    sync_orders(db, client, account="new")
+def test_renaming_to_a_name_already_in_use_keeps_one_state_row_per_stream(
+    db, client, exchange, tmp_path
+):
+    exchange.settle_market(exchange.tickers[0], "yes")
+    for name in ("old", "new"):
+        sync_orders(db, client, account=name)
+        sync_listing(db, client, SETTLEMENTS, account=name)  # the same rows under both names
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("KALSHI", "DATABASE"))},
         "DATABASE_URL": db.url.render_as_string(hide_password=False),
@@ -129,7 +135,8 @@ def test_renaming_to_a_name_already_in_use_keeps_one_state_row_per_stream(db, cl
     result = run(["accounts", "rename", "old", "new"], env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert count(db, "SELECT count(*) FROM sync_state WHERE account = 'old'") == 0
-    assert count(db, "SELECT count(*) FROM sync_runs WHERE account = 'new'") == 2
+    assert count(db, "SELECT count(*) FROM sync_runs WHERE account = 'new'") == 4
+    assert count(db, "SELECT count(*) FROM settlements WHERE account = 'old'") == 0
     line = one_line(run(["accounts", "rename", "old", "new"], env, tmp_path), 2)
     assert "no rows of account 'old'" in line
 

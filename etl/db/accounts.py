@@ -124,8 +124,8 @@ def claim_keys(conn: Connection, claims: Sequence[Claim], *, allow_simulated: bo
 
 def rename_account(conn: Connection, old: str, new: str) -> dict[str, int]:
     """Move every row of account ``old`` to ``new``, in every table with an ``account``
-    column; returns the rows moved per table. Where ``new`` already has a ``sync_state`` row
-    of the same stream, ``new``'s is kept (it was written by the newer syncs).
+    column; returns the rows moved per table. Where the account is part of a table's key and
+    ``new`` already has the row (a ``sync_state`` stream, a settlement), ``new``'s is kept.
 
     Raises:
         ConfigError: ``old`` has no rows, or the names are the same.
@@ -133,13 +133,19 @@ def rename_account(conn: Connection, old: str, new: str) -> dict[str, int]:
     if old == new:
         raise ConfigError(f"accounts rename: {old!r} is already the name")
     moved: dict[str, int] = {}
-    conn.execute(
-        sa.text(
-            "DELETE FROM sync_state s WHERE s.account = :old AND EXISTS (SELECT 1 FROM "
-            "sync_state n WHERE n.account = :new AND n.stream = s.stream)"
-        ),
-        {"old": old, "new": new},
-    )
+    for table in metadata.sorted_tables:
+        # Where the account is part of the key (sync_state, settlements), a row ``new`` has
+        # already wins over ``old``'s: it was written by the newer syncs.
+        keys = [c.name for c in table.primary_key.columns]
+        if "account" in keys:
+            same = " AND ".join(f"n.{c} = o.{c}" for c in keys if c != "account")
+            conn.execute(
+                sa.text(
+                    f"DELETE FROM {table.name} o WHERE o.account = :old AND EXISTS "
+                    f"(SELECT 1 FROM {table.name} n WHERE n.account = :new AND {same})"
+                ),
+                {"old": old, "new": new},
+            )
     for table in metadata.sorted_tables:
         if "account" not in table.c:
             continue
