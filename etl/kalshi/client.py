@@ -339,6 +339,7 @@ class KalshiClient:
         self.base_url = base_url.rstrip("/")
         self.auth = auth
         self.auto_page_size = page_size == "auto"
+        self._unserved: set[str] = set()  # listing paths this server does not serve
         self.page_size: int = AUTO_PAGE_SIZE if page_size == "auto" else page_size
         self.deadline = deadline
         self.max_response_bytes = max_response_bytes
@@ -432,6 +433,7 @@ class KalshiClient:
         except ApiStatusError as exc:
             if exc.status not in NOT_SERVED:
                 raise
+            self._unserved.add(path)
             if path not in _UNSERVED:
                 _UNSERVED.add(path)
                 log.info(
@@ -440,6 +442,11 @@ class KalshiClient:
             return
         yield first
         yield from pages
+
+    def serves(self, path: str) -> bool:
+        """False once a listing of ``path`` by this client found the server does not serve it
+        (404…)."""
+        return path not in self._unserved
 
     def subaccount_numbers(self) -> set[int]:
         """The subaccounts ``GET /portfolio/subaccounts/balances`` lists (none where the server

@@ -194,3 +194,19 @@ def test_an_archived_settlement_is_never_extra(db, client, exchange):
     sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
     exchange.archive_event(exchange.tickers[1].rsplit("-", 1)[0])
     assert verify_listing(db, client, SETTLEMENTS, account=ACCOUNT).equal
+
+
+def test_verify_without_a_fills_endpoint_checks_no_fills_against_orders(db, app, private_key):
+    from etl.sync.verify import verify_listing
+
+    def without_fills(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/fills"):
+            return httpx.Response(404, json={"code": "not_found", "message": "not found"})
+        answer = httpx.WSGITransport(app=app).handle_request(request)
+        answer.read()
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    client = make_client(httpx.MockTransport(without_fills), private_key)
+    sync_orders(db, client, account=ACCOUNT)
+    result = verify_listing(db, client, FILLS, account=ACCOUNT)
+    assert result.fills_check is None and result.equal
