@@ -26,6 +26,8 @@ TICKS = 4  # how often per interval the daemon tries each job (see is_due)
 
 
 def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.db.engine import transaction
+    from etl.db.state import record_intervals
     from etl.health import Liveness, OperatorServer, Readiness
     from etl.kalshi.stream import stream_url
     from etl.scheduler import Job, run_daemon
@@ -79,6 +81,9 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     readiness.engine = engine
     claim_accounts(engine, accounts, allow_simulated=args.allow_simulated)
+    with transaction(engine) as conn:  # what `status --max-age` judges each stream against
+        for a in accounts:
+            record_intervals(conn, a.name, intervals)
     streams = {
         a.name: RealtimeOrders(
             engine,

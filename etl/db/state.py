@@ -49,7 +49,7 @@ def write_state(
     watermark: datetime | None,
     state: dict[str, Any] | None = None,
 ) -> None:
-    """Advance the watermark (never backwards) and replace ``state`` when given."""
+    """Advance the watermark (never backwards) and merge ``state``'s keys in when given."""
     stmt = pg_insert(sync_state).values(
         account=account,
         stream=stream,
@@ -61,7 +61,10 @@ def write_state(
         index_elements=[sync_state.c.account, sync_state.c.stream],
         set_={
             "watermark": sa.func.greatest(sync_state.c.watermark, stmt.excluded.watermark),
-            "state": stmt.excluded.state if state is not None else sync_state.c.state,
+            # Keys merge: the stream's own (``closed_through``) beside the daemon's interval.
+            "state": sync_state.c.state.op("||")(stmt.excluded.state)
+            if state is not None
+            else sync_state.c.state,
             "updated_at": stmt.excluded.updated_at,
         },
     )
@@ -257,6 +260,29 @@ def mark_window_done(conn: Connection, account: str, start: int, end: int) -> No
     )
 
 
+INTERVAL_KEY = "daemon_interval_seconds"  # in a stream's sync_state.state
+
+
+def record_intervals(conn: Connection, account: str, intervals: dict[str, timedelta]) -> None:
+    """Record the interval the daemon runs each stream of ``account`` at, in the stream's
+    ``sync_state`` row (its watermark untouched): ``status --max-age`` judges each stream
+    against three of them."""
+    for stream, every in intervals.items():
+        stmt = pg_insert(sync_state).values(
+            account=account,
+            stream=stream,
+            watermark=None,
+            state={INTERVAL_KEY: every.total_seconds()},
+            updated_at=sa.func.now(),
+        )
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[sync_state.c.account, sync_state.c.stream],
+                set_={"state": sync_state.c.state.op("||")(stmt.excluded.state)},
+            )
+        )
+
+
 @dataclass(frozen=True)
 class StreamHealth:
     """How one (account, stream) stands: its last finished run and its last success."""
@@ -278,7 +304,8 @@ def stream_health(
     account: str | None = None,
 ) -> list[StreamHealth]:
     """Every stream with runs (of ``account``, else of all), and what is wrong with it: its
-    last finished run failed, or (with ``max_age``) it has not succeeded for longer than that."""
+    last finished run failed, or (with ``max_age``) it has not succeeded for longer than the
+    larger of ``max_age`` and three times the interval the daemon recorded for it."""
     rows = conn.execute(
         sa.text(
             """
@@ -289,23 +316,30 @@ def stream_health(
                        AS last_status,
                    (array_agg(error ORDER BY id DESC) FILTER (WHERE status <> 'running'))[1]
                        AS last_error,
-                   max(finished_at) FILTER (WHERE status = 'succeeded') AS last_success
-            FROM sync_runs
+                   max(finished_at) FILTER (WHERE status = 'succeeded') AS last_success,
+                   (SELECT CAST(s.state ->> :key AS float) FROM sync_state s
+                    WHERE s.account = r.account AND s.stream = r.stream) AS interval_seconds
+            FROM sync_runs r
             WHERE CAST(:account AS text) IS NULL OR account = CAST(:account AS text)
             GROUP BY account, stream ORDER BY account, stream
             """
         ),
-        {"account": account},
+        {"account": account, "key": INTERVAL_KEY},
     ).all()
     health = []
     for row in rows:
         problem = None
+        # A stream the daemon runs every 10 minutes is not late after 5: judge it against
+        # the larger of max_age and three of its intervals.
+        limit = max_age
+        if limit is not None and row.interval_seconds is not None:
+            limit = max(limit, timedelta(seconds=3 * row.interval_seconds))
         if row.last_status == "failed":
             problem = f"last run #{row.last_run_id} failed: {row.last_error}"
-        elif max_age is not None and row.last_success is None:
+        elif limit is not None and row.last_success is None:
             problem = "has never succeeded"
-        elif max_age is not None and now - row.last_success > max_age:
-            problem = f"no successful run for {_age(now - row.last_success)} (max {_age(max_age)})"
+        elif limit is not None and now - row.last_success > limit:
+            problem = f"no successful run for {_age(now - row.last_success)} (max {_age(limit)})"
         health.append(
             StreamHealth(
                 row.account,

@@ -89,3 +89,22 @@ def test_other_streams_and_accounts_do_not_block(db):
 
 def test_masked_urls_hide_the_password():
     assert mask("postgresql+psycopg://u:hunter2@h:5432/d") == "postgresql+psycopg://u:***@h:5432/d"
+
+
+def test_status_max_age_judges_a_stream_against_three_of_its_daemon_intervals(db):
+    from datetime import UTC, datetime, timedelta
+
+    from etl.db.state import finish_run, record_intervals, start_run, stream_health
+
+    now = datetime.now(UTC)
+    with db.begin() as conn:
+        for stream in ("settlements", "orders"):
+            run_id = start_run(conn, "acct", stream, "incremental")
+            finish_run(conn, run_id, "succeeded", finished_at=now - timedelta(minutes=20))
+        record_intervals(conn, "acct", {"settlements": timedelta(minutes=10)})
+        write_state(conn, "acct", "settlements", watermark=now, state={"other": 1})
+    with db.connect() as conn:
+        health = {h.stream: h for h in stream_health(conn, now=now, max_age=timedelta(minutes=5))}
+    assert health["settlements"].problem is None  # 20 min < 3 × 10 min
+    assert health["orders"].problem is not None  # no interval recorded: max_age holds
+    assert "max 5m" in health["orders"].problem
