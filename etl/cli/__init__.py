@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="kalshi-etl",
         parents=[common],
-        description="Sync a Kalshi trader's orders and queue positions into PostgreSQL.",
+        description="Sync a Kalshi trader's account (orders, queue positions, fills, "
+        "settlements) into PostgreSQL.",
     )
     parser.add_argument("--version", action="version", version=f"kalshi-etl {__version__}")
     sub = parser.add_subparsers(
