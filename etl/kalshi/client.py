@@ -450,8 +450,16 @@ class KalshiClient:
 
     def subaccount_numbers(self) -> set[int]:
         """The subaccounts ``GET /portfolio/subaccounts/balances`` lists (none where the server
-        does not serve it)."""
-        body = self._optional_json("portfolio/subaccounts/balances")
+        does not serve it, or refuses this key: 400, 403)."""
+        try:
+            body = self._optional_json("portfolio/subaccounts/balances")
+        except ApiStatusError as exc:
+            # A key without the right to read balances still has its subaccounts found in
+            # its orders and fills: never let this listing stop a settlements run.
+            if exc.status not in (400, 403):
+                raise
+            log.info("GET /portfolio/subaccounts/balances refused (%s): %s", exc.status, exc)
+            return set()
         numbers: set[int] = set()
         for item in (body or {}).get("subaccount_balances") or []:
             number = item.get("subaccount_number") if isinstance(item, dict) else None

@@ -210,3 +210,21 @@ def test_verify_without_a_fills_endpoint_checks_no_fills_against_orders(db, app,
     sync_orders(db, client, account=ACCOUNT)
     result = verify_listing(db, client, FILLS, account=ACCOUNT)
     assert result.fills_check is None and result.equal
+
+
+def test_a_key_refused_the_subaccount_balances_still_gets_its_settlements(
+    db, app, private_key, exchange
+):
+    def refusing(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/subaccounts/balances"):
+            return httpx.Response(403, json={"code": "forbidden", "message": "not allowed"})
+        answer = httpx.WSGITransport(app=app).handle_request(request)
+        answer.read()
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    exchange.settle_market(exchange.tickers[0], "yes")
+    client = make_client(httpx.MockTransport(refusing), private_key)
+    sync_orders(db, client, account=ACCOUNT)  # subaccounts 0 and 1, found in the orders
+    sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
+    assert stored_settlements(db) == settlements_truth(exchange)
+    assert runs(db)[-1].status == "succeeded"
