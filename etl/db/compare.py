@@ -38,7 +38,6 @@ _LISTED_BAD = "kalshi_etl_listed_rejected"
 _REPAIR = "kalshi_etl_listed_differing"
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
-KINDS = ("missing", "stale", "extra", "unrecorded")
 # The fields a user_orders message carries, compared when the stored version came from it.
 _CARRIED = [
     c for c in ORDER_COLUMNS if c not in (*STREAM_LACKS, "order_id", "last_update_time", "raw")
@@ -153,20 +152,29 @@ _QUERIES = {
 }
 
 
+def counted_examples(
+    conn: Connection, queries: dict[str, str], params: dict[str, Any], *, examples: int
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """For each kind of difference (a query of the differing keys): how many, and the first
+    ``examples`` of them. One pass per kind: the window count sees every row before LIMIT
+    keeps a few."""
+    counts: dict[str, int] = {}
+    found: dict[str, list[str]] = {}
+    for kind, query in queries.items():
+        rows = conn.execute(
+            sa.text(f"SELECT q.*, count(*) OVER () FROM ({query}) q ORDER BY 1 LIMIT :n"),
+            {**params, "n": max(examples, 1)},
+        ).all()
+        counts[kind] = int(rows[0][1]) if rows else 0
+        found[kind] = [str(row[0]) for row in rows[:examples]]
+    return counts, found
+
+
 def compare(conn: Connection, *, account: str, started: datetime, examples: int) -> Comparison:
     """Compare the listing with the stored orders of ``account``; ``started`` is when the
     listing began."""
     params = {"account": account, "started": started}
-    counts: dict[str, int] = {}
-    found: dict[str, list[str]] = {}
-    for kind in KINDS:
-        # One pass per kind: the window count sees every row before LIMIT keeps a few.
-        rows = conn.execute(
-            sa.text(f"SELECT q.*, count(*) OVER () FROM ({_QUERIES[kind]}) q ORDER BY 1 LIMIT :n"),
-            {**params, "n": max(examples, 1)},
-        ).all()
-        counts[kind] = int(rows[0][1]) if rows else 0
-        found[kind] = [row[0] for row in rows[:examples]]
+    counts, found = counted_examples(conn, _QUERIES, params, examples=examples)
     listed = conn.execute(sa.text(f"SELECT count(DISTINCT order_id) FROM {_LISTED}")).scalar_one()
     bad = conn.execute(sa.text(f"SELECT count(*) FROM {_LISTED_BAD}")).scalar_one()
     stored = conn.execute(

@@ -28,10 +28,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from etl.db.compare import counted_examples
 from etl.db.upsert import json_text
 
 _LISTED = "kalshi_etl_listed_rows"
-KINDS = ("missing", "stale", "extra")
 
 
 @dataclass(frozen=True)
@@ -111,18 +111,13 @@ def compare(
               AND NOT EXISTS (SELECT 1 FROM {_LISTED} l WHERE l.key = {k})
         """,
     }
-    counts: dict[str, int] = {}
-    found: dict[str, list[str]] = {}
-    for kind in KINDS:
-        if kind == "extra" and not extras:
-            counts[kind], found[kind] = 0, []
-            continue
-        rows = conn.execute(
-            sa.text(f"SELECT q.*, count(*) OVER () FROM ({queries[kind]}) q ORDER BY 1 LIMIT :n"),
-            {"account": account, "started": started, "n": max(examples, 1)},
-        ).all()
-        counts[kind] = int(rows[0][1]) if rows else 0
-        found[kind] = [str(row[0]) for row in rows[:examples]]
+    if not extras:
+        del queries["extra"]
+    counts, found = counted_examples(
+        conn, queries, {"account": account, "started": started}, examples=examples
+    )
+    counts.setdefault("extra", 0)
+    found.setdefault("extra", [])
     listed = conn.execute(sa.text(f"SELECT count(DISTINCT key) FROM {_LISTED}")).scalar_one()
     stored = conn.execute(
         sa.select(sa.func.count()).select_from(table).where(table.c.account == account)
