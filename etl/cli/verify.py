@@ -62,6 +62,20 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if differing else 0
 
 
+def difference_lines(
+    counts: dict[str, int], examples: dict[str, list[str]], texts: dict[str, str], indent: str
+) -> list[str]:
+    """One line per kind of difference found: how many, what it means, a few keys."""
+    lines = []
+    for kind, text in texts.items():
+        n = counts[kind]
+        if n:
+            keys = examples[kind]
+            more = f" and {n - len(keys)} more" if n > len(keys) else ""
+            lines.append(f"{indent}{n} {text}: {', '.join(keys)}{more}")
+    return lines
+
+
 def listing_lines(result: ListingVerifyResult) -> list[str]:
     """The report of ``kalshi-etl verify`` for one listing stream of one account."""
     stream, before = result.stream, result.before
@@ -76,12 +90,7 @@ def listing_lines(result: ListingVerifyResult) -> list[str]:
     }
 
     def describe(comparison: RowComparison, indent: str) -> None:
-        for kind, text in texts.items():
-            n = comparison.counts[kind]
-            if n:
-                keys = comparison.examples[kind]
-                more = f" and {n - len(keys)} more" if n > len(keys) else ""
-                lines.append(f"{indent}{n} {text}: {', '.join(keys)}{more}")
+        lines.extend(difference_lines(comparison.counts, comparison.examples, texts, indent))
 
     describe(before, "  ")
     if result.repaired is not None:
@@ -122,12 +131,7 @@ def verify_lines(result: VerifyResult) -> list[str]:
     ]
 
     def describe(comparison: Comparison, indent: str) -> None:
-        for kind, text in _KIND_TEXT.items():
-            n = comparison.counts[kind]
-            if n:
-                ids = comparison.examples[kind]
-                more = f" and {n - len(ids)} more" if n > len(ids) else ""
-                lines.append(f"{indent}{n} {text}: {', '.join(ids)}{more}")
+        lines.extend(difference_lines(comparison.counts, comparison.examples, _KIND_TEXT, indent))
 
     describe(before, "  ")
     if result.repaired is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -41,19 +41,22 @@ from etl.sync.run import Clock, Run, recorded_run, utcnow
 log = logging.getLogger(__name__)
 
 
+def parser(stream: Listing, *, subaccount: int | None = None) -> Callable[..., Any]:
+    """``stream``'s parser, stamping ``subaccount`` where the stream is listed per
+    subaccount (its records carry none)."""
+    if stream.per_subaccount:
+        return functools.partial(stream.parse, subaccount=subaccount)
+    return stream.parse
+
+
+def rows_of(stream: Listing, account: str, records: Sequence[Any]) -> list[dict[str, Any]]:
+    """The table rows of parsed ``records`` of ``account``: their columns and the account."""
+    return [{"account": account, **{c: getattr(r, c) for c in stream.columns}} for r in records]
+
+
 def listing_sink(stream: Listing, *, subaccount: int | None = None) -> Sink[Any]:
     """How the engine parses and writes ``stream``'s pages (of ``subaccount``, when the
     stream is listed per subaccount)."""
-    parse = (
-        functools.partial(stream.parse, subaccount=subaccount)
-        if stream.per_subaccount
-        else stream.parse
-    )
-
-    def rows(run: Run, records: Sequence[Any]) -> list[dict[str, Any]]:
-        return [
-            {"account": run.account, **{c: getattr(r, c) for c in stream.columns}} for r in records
-        ]
 
     def write(
         conn: Connection, run: Run, good: Sequence[Any], one_by_one: bool
@@ -62,7 +65,9 @@ def listing_sink(stream: Listing, *, subaccount: int | None = None) -> Sink[Any]
         return write_records(
             conn,
             good,
-            lambda c, batch: write_rows(c, stream.rule, rows(run, batch), synced_at=synced_at),
+            lambda c, batch: write_rows(
+                c, stream.rule, rows_of(stream, run.account, batch), synced_at=synced_at
+            ),
             one_by_one=one_by_one,
         )
 
@@ -70,7 +75,11 @@ def listing_sink(stream: Listing, *, subaccount: int | None = None) -> Sink[Any]
         write_state(conn, run.account, stream.name, watermark=point.watermark)
 
     return Sink(
-        stream=stream.name, noun=stream.noun, parse=parse, write=write, checkpoint=checkpoint
+        stream=stream.name,
+        noun=stream.noun,
+        parse=parser(stream, subaccount=subaccount),
+        write=write,
+        checkpoint=checkpoint,
     )
 
 

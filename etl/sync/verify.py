@@ -39,7 +39,7 @@ from etl.db.write import write_rows
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
 from etl.streams import Listing
-from etl.sync.listing import listing_sink
+from etl.sync.listing import parser, rows_of
 from etl.sync.orders import STREAM, historical_pages
 from etl.sync.run import recorded_run, utcnow
 
@@ -193,7 +193,7 @@ def verify_listing(
             subs = known_subaccounts(conn, account) | client.subaccount_numbers()
             partitions = [*sorted(subs)]
         for subaccount in partitions:
-            parse = listing_sink(stream, subaccount=subaccount).parse
+            parse = parser(stream, subaccount=subaccount)
             for path in filter(None, (stream.path, stream.historical_path)):
                 for page in client.iter_pages(path, stream.items_key, subaccount=subaccount):
                     parsed = [parse(item, screened=page.screened) for item in page.items]
@@ -241,12 +241,10 @@ def _repair_listing(
             for key, raw in keyed:
                 # A per-subaccount record's key starts with its subaccount (its payload has none).
                 subaccount = int(key.split("/", 1)[0]) if stream.per_subaccount else None
-                parsed = listing_sink(stream, subaccount=subaccount).parse(raw, screened=False)
+                parsed = parser(stream, subaccount=subaccount)(raw, screened=False)
                 if not isinstance(parsed, Rejected):
                     records.append(parsed)
-            rows = [
-                {"account": account, **{c: getattr(r, c) for c in stream.columns}} for r in records
-            ]
+            rows = rows_of(stream, account, records)
             with run.transaction() as tx:
                 counts = write_rows(tx, rule, rows, synced_at=utcnow(), claim=True)
                 add_to_run(tx, run.run_id, counts)
