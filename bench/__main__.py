@@ -15,10 +15,12 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   in this process): the first poll, a poll with nothing changed and one with 1% changed,
   against reading the same positions from the API alone and a plain COPY of 10,000 rows.
 
-- realtime: the ``user_orders`` WebSocket into ``orders`` while a simulator in its own process
-  trades at 50 and 500 changes a second: event → commit latency p50/p99, against event →
-  received (the source: what no writer can beat) measured on the same messages, and the
-  messages per commit.
+- realtime: the ``user_orders`` and ``fill`` WebSocket channels into ``orders`` and ``fills``
+  while a simulator in its own process trades at 50 and 500 changes a second: event → commit
+  latency p50/p99 per channel, against event → received (the source: what no writer can beat)
+  measured on the same messages, and the messages per commit.
+- a first load with fills: ``kalshi-etl sync --streams orders,fills`` of 100,000 orders
+  (BENCH_FILLS_ORDERS) and their fills, beside ``--streams orders`` over the same simulator.
 
 - as users load: the first ``kalshi-etl sync`` as a process of its own, on accounts of 100,000
   and 1,000,000 orders (``--quick``: 100,000 only) with 8% and 35% of them resting: orders/s
@@ -33,7 +35,8 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   limit, since only a loader faster than the budget can reach it.
 
 Prints a table with ratios and writes bench/results.json. BENCH_ORDERS sets the account size
-of the detailed part (default 100000); BENCH_ONLY=stream, =load or =limit runs one part alone;
+of the detailed part (default 100000); BENCH_ONLY=stream, =load, =fills or =limit runs one part
+alone;
 BENCH_LOAD_SIZES and BENCH_RESTING set the loads (default 100000,1000000 and 0.08,0.35), and
 BENCH_REPEATS the runs of each (default 3 up to 100,000 orders, else 1).
 """
@@ -74,7 +77,7 @@ from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import generate_key, key_id
 from etl.sync.orders import sync_orders
 from etl.sync.queue import poll_queue_positions
-from etl.sync.realtime import Batch, RealtimeOrders
+from etl.sync.realtime import Batch, RealtimeAccount
 
 PAGE = 1000
 BASIC_TIER = 200.0  # read tokens per second
@@ -140,6 +143,9 @@ def run(engine: sa.Engine, n: int) -> int:
         return 0
     if only == "limit":
         print_limited(measure_limited(engine))
+        return 0
+    if only == "fills":
+        print_fills(measure_fills(engine))
         return 0
     print(f"kalshi-etl benchmark: {n} simulated orders, page size {PAGE}", file=sys.stderr)
     home = Path(tempfile.mkdtemp(prefix="ketl-bench-"))
@@ -221,6 +227,7 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     queue = measure_queue(engine)
     stream = measure_stream(engine)
     loads = measure_loads(engine, quick=QUICK)
+    with_fills = measure_fills(engine)
     limited = measure_limited(engine)
 
     rate = lambda seconds: n / seconds  # noqa: E731
@@ -285,11 +292,13 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
         print(f"{label:<32}{seconds:>10.2f}{rows_written:>12}   {ratio}")
     print_stream(stream)
     print_loads(loads)
+    print_fills(with_fills)
     print_limited(limited)
     RESULTS.write_text(
         json.dumps(
             {
                 "loads": loads,
+                "fills_load": with_fills,
                 "rate_limited": limited,
                 "stream": stream,
                 "orders": n,
@@ -457,8 +466,8 @@ def reset(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                "TRUNCATE orders, queue_position_snapshots, sync_state, sync_runs, "
-                "rejected_records RESTART IDENTITY"
+                "TRUNCATE orders, queue_position_snapshots, fills, settlements, sync_state, "
+                "sync_runs, rejected_records RESTART IDENTITY"
             )
         )
 
@@ -574,12 +583,12 @@ sys.exit(code)
 """
 
 
-def cli_sync(engine: sa.Engine, env: dict[str, str]) -> dict[str, float]:
-    """``kalshi-etl sync --no-queue`` as its own process: wall seconds, and the process's
-    own CPU seconds (start-up included) and peak RSS."""
+def cli_sync(engine: sa.Engine, env: dict[str, str], streams: str = "orders") -> dict[str, float]:
+    """``kalshi-etl sync --streams STREAMS`` as its own process: wall seconds, and the
+    process's own CPU seconds (start-up included) and peak RSS."""
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", _MEASURED_CLI, "sync", "--no-queue"],
+        [sys.executable, "-c", _MEASURED_CLI, "sync", "--streams", streams],
         env={
             **os.environ,
             **env,
@@ -818,6 +827,69 @@ def print_loads(loads: list[dict[str, Any]]) -> None:
     )
 
 
+FILLS_ORDERS = int(os.environ.get("BENCH_FILLS_ORDERS", "100000"))
+
+
+def measure_fills(engine: sa.Engine) -> dict[str, Any]:
+    """A first load of ``FILLS_ORDERS`` orders with their fills (both tiers) beside the same
+    orders alone, each a ``kalshi-etl sync`` process against one simulator, in turn, the
+    median of the repeats."""
+    home = Path(tempfile.mkdtemp(prefix="ketl-bench-fills-"))
+    n = FILLS_ORDERS
+    times = repeats(n)
+    print(f"  load with fills: {n} orders, {times}× …", file=sys.stderr, flush=True)
+    simulator, env = start_simulator(
+        home, *("--orders", str(n), "--seed", "42", "--events-per-second", "0")
+    )
+    runs: dict[str, list[dict[str, float]]] = {"orders": [], "orders,fills": []}
+    try:
+        for _ in range(times):
+            for streams, done in runs.items():
+                reset(engine)
+                done.append(cli_sync(engine, env, streams))
+    finally:
+        simulator.terminate()
+        simulator.communicate(timeout=60)
+    with engine.connect() as conn:
+        fills = conn.execute(sa.text("SELECT count(*) FROM fills")).scalar_one()
+        stored = conn.execute(sa.text("SELECT count(*) FROM orders")).scalar_one()
+    assert stored == n and fills > 0, (stored, fills)
+    seconds = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    return {
+        "orders": n,
+        "fills": fills,
+        "runs": times,
+        "orders_only_seconds": seconds["orders"],
+        "with_fills_seconds": seconds["orders,fills"],
+        "fills_seconds": seconds["orders,fills"] - seconds["orders"],
+        "fills_per_second": fills / max(seconds["orders,fills"] - seconds["orders"], 1e-9),
+        "rows_per_second": {
+            "orders": n / seconds["orders"],
+            "orders,fills": (n + fills) / seconds["orders,fills"],
+        },
+        "peak_rss_mb": {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()},
+    }
+
+
+def print_fills(r: dict[str, Any]) -> None:
+    print()
+    print(
+        f"first load with fills: `kalshi-etl sync` of {r['orders']:,} orders and their "
+        f"{r['fills']:,} fills (both tiers), median of {r['runs']}"
+    )
+    print(f"{'--streams':<16}{'rows':>10}{'seconds':>10}{'rows/s':>10}{'peak RSS':>10}   ratio")
+    for streams, rows in (("orders", r["orders"]), ("orders,fills", r["orders"] + r["fills"])):
+        seconds = r["orders_only_seconds" if streams == "orders" else "with_fills_seconds"]
+        print(
+            f"{streams:<16}{rows:>10,}{seconds:>10.2f}{r['rows_per_second'][streams]:>10,.0f}"
+            f"{r['peak_rss_mb'][streams]:>7.0f} MB   "
+            f"{seconds / r['orders_only_seconds']:.2f}× orders-only time"
+        )
+    print(
+        f"(the fills alone: {r['fills_seconds']:.2f}s more, {r['fills_per_second']:,.0f} fills/s)"
+    )
+
+
 def _where(r: dict[str, Any]) -> str:
     return f"{r['latency'] * 1000:.0f} ms" if r["latency"] else "loopback"
 
@@ -902,25 +974,33 @@ STREAM_SECONDS = 8.0
 STREAM_WARMUP = 1.5  # seconds after the catch-up before messages count
 
 
-class MeasuredRealtime(RealtimeOrders):
-    """The realtime path, keeping each message's latencies and each commit's size."""
+# Each channel's message type, and the field with its exchange time (epoch ms).
+STAMPS = {"user_order": "last_updated_ts_ms", "fill": "ts_ms"}
+
+
+class MeasuredRealtime(RealtimeAccount):
+    """The realtime path, keeping each message's latencies (per message type) and each
+    commit's size."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.measuring_from = float("inf")
-        self.to_commit: list[float] = []
-        self.to_receipt: list[float] = []
+        self.to_commit: dict[str, list[float]] = {kind: [] for kind in STAMPS}
+        self.to_receipt: dict[str, list[float]] = {kind: [] for kind in STAMPS}
         self.batch_sizes: list[int] = []
 
     def write(self, messages: list[tuple[Any, float]]) -> Batch:
         batch = super().write(messages)
         committed = time.time()
         for body, received in messages:
+            kind = body.get("type") if isinstance(body, dict) else None
             msg = body.get("msg") if isinstance(body, dict) else None
-            stamp = msg.get("last_updated_ts_ms") if isinstance(msg, dict) else None
+            if kind not in STAMPS or not isinstance(msg, dict):
+                continue
+            stamp = msg.get(STAMPS[kind])
             if isinstance(stamp, int) and received >= self.measuring_from:
-                self.to_receipt.append(received - stamp / 1000)
-                self.to_commit.append(committed - stamp / 1000)
+                self.to_receipt[kind].append(received - stamp / 1000)
+                self.to_commit[kind].append(committed - stamp / 1000)
         if messages[0][1] >= self.measuring_from:
             self.batch_sizes.append(len(messages))
         return batch
@@ -937,7 +1017,10 @@ def measure_stream(engine: sa.Engine) -> dict[str, Any]:
     for rate in STREAM_RATES:
         with engine.begin() as conn:
             conn.execute(
-                sa.text("TRUNCATE orders, sync_state, sync_runs, rejected_records RESTART IDENTITY")
+                sa.text(
+                    "TRUNCATE orders, fills, sync_state, sync_runs, rejected_records "
+                    "RESTART IDENTITY"
+                )
             )
         home = Path(tempfile.mkdtemp(prefix="ketl-bench-stream-"))
         simulator, env = start_simulator(
@@ -972,43 +1055,56 @@ def measure_stream(engine: sa.Engine) -> dict[str, Any]:
             stop.set()
             simulator.terminate()
             simulator.communicate(timeout=30)
-        commit, receipt, sizes = rt.to_commit, rt.to_receipt, rt.batch_sizes
-        assert commit, f"no message measured at {rate} events/s"
-        results[str(rate)] = {
-            "events_per_second": rate,
-            "messages": len(commit),
-            "messages_per_second": len(commit) / STREAM_SECONDS,
-            "event_to_receipt": {"p50": percentile(receipt, 0.5), "p99": percentile(receipt, 0.99)},
-            "event_to_commit": {"p50": percentile(commit, 0.5), "p99": percentile(commit, 0.99)},
-            "receipt_to_commit": {
-                "p50": percentile([c - r for c, r in zip(commit, receipt, strict=True)], 0.5),
-                "p99": percentile([c - r for c, r in zip(commit, receipt, strict=True)], 0.99),
-            },
-            "commits": len(sizes),
-            "messages_per_commit": {"mean": sum(sizes) / len(sizes), "max": max(sizes)},
-        }
+        sizes = rt.batch_sizes
+        for kind in STAMPS:
+            commit, receipt = rt.to_commit[kind], rt.to_receipt[kind]
+            assert commit, f"no {kind} message measured at {rate} events/s"
+            ours = [c - r for c, r in zip(commit, receipt, strict=True)]
+            results[f"{rate} {kind}"] = {
+                "events_per_second": rate,
+                "kind": kind,
+                "messages": len(commit),
+                "messages_per_second": len(commit) / STREAM_SECONDS,
+                "event_to_receipt": {
+                    "p50": percentile(receipt, 0.5),
+                    "p99": percentile(receipt, 0.99),
+                },
+                "event_to_commit": {
+                    "p50": percentile(commit, 0.5),
+                    "p99": percentile(commit, 0.99),
+                },
+                "receipt_to_commit": {"p50": percentile(ours, 0.5), "p99": percentile(ours, 0.99)},
+                "commits": len(sizes),
+                "messages_per_commit": {"mean": sum(sizes) / len(sizes), "max": max(sizes)},
+            }
     return results
 
 
 def print_stream(stream: dict[str, Any]) -> None:
     print()
-    print("realtime: user_orders WebSocket → orders (simulator in its own process)")
     print(
-        f"{'events/s':>9}{'messages':>10}{'event→received':>20}{'event→commit':>20}"
+        "realtime: user_orders and fill WebSocket channels → orders, fills "
+        "(simulator in its own process)"
+    )
+    print(
+        f"{'events/s':>9}{'channel':>12}{'messages':>10}{'event→received':>20}{'event→commit':>20}"
         f"{'received→commit':>20}{'msgs/commit':>14}   ratio"
     )
     for r in stream.values():
         receipt, commit, ours = r["event_to_receipt"], r["event_to_commit"], r["receipt_to_commit"]
         per = r["messages_per_commit"]
         print(
-            f"{r['events_per_second']:>9}{r['messages']:>10}"
+            f"{r['events_per_second']:>9}{r['kind']:>12}{r['messages']:>10}"
             f"{receipt['p50'] * 1000:>9.1f}/{receipt['p99'] * 1000:>6.1f} ms"
             f"{commit['p50'] * 1000:>9.1f}/{commit['p99'] * 1000:>6.1f} ms"
             f"{ours['p50'] * 1000:>9.1f}/{ours['p99'] * 1000:>6.1f} ms"
             f"{per['mean']:>8.1f}/{per['max']:>4}"
             f"   p99 {commit['p99'] / max(receipt['p99'], 1e-9):.2f}× source"
         )
-    print("(p50/p99; event = the order change's exchange timestamp, in ms as the channel sends it)")
+    print(
+        "(p50/p99; event = the change's exchange timestamp in ms as the channel sends it: "
+        "an order's last_updated_ts_ms, a fill's ts_ms; msgs/commit counts both channels)"
+    )
 
 
 if __name__ == "__main__":

@@ -86,40 +86,41 @@ OPEN_ORDERS = Gauge(
 
 STREAM_CONNECTED = Gauge(
     "kalshi_etl_stream_connected",
-    "1 while the account's user_orders WebSocket is subscribed, else 0.",
+    "1 while the account's WebSocket (user_orders, fill) is subscribed, else 0.",
     ["account"],
     registry=REGISTRY,
 )
 STREAM_MESSAGES = Counter(
     "kalshi_etl_stream_messages_total",
-    "user_orders messages committed, by what they did (inserted/updated/unchanged/rejected).",
+    "WebSocket messages (user_orders, fill) committed, by what they did "
+    "(inserted/updated/unchanged/rejected).",
     ["account", "outcome"],
     registry=REGISTRY,
 )
 STREAM_LAG = Histogram(
     "kalshi_etl_stream_lag_seconds",
-    "From an order change's exchange timestamp to the commit of its user_orders message.",
+    "From a change's exchange timestamp (an order's update, a fill) to the commit of its message.",
     ["account"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
 STREAM_RECONNECTS = Counter(
     "kalshi_etl_stream_reconnects_total",
-    "user_orders WebSocket connections lost or refused (each is followed by a reconnect).",
+    "WebSocket connections lost or refused (each is followed by a reconnect).",
     ["account"],
     registry=REGISTRY,
 )
 
 STREAM_BACKLOG = Gauge(
     "kalshi_etl_stream_backlog",
-    "user_orders messages received and not yet committed (bounded: see the dropped total).",
+    "WebSocket messages received and not yet committed (bounded: see the dropped total).",
     ["account"],
     registry=REGISTRY,
 )
 STREAM_DROPPED = Counter(
     "kalshi_etl_stream_dropped_total",
-    "user_orders messages dropped because the backlog was full (the database away); the "
-    "REST catch-up reads those orders again.",
+    "WebSocket messages dropped because the backlog was full (the database away); the "
+    "REST catch-up reads those records again.",
     ["account"],
     registry=REGISTRY,
 )

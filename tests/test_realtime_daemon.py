@@ -1,7 +1,7 @@
 """`kalshi-etl daemon --realtime` (here through KALSHI_ETL_REALTIME) as a process: a trading
-exchange's changes reach `orders` within a second with REST held back to its catch-ups,
-/metrics and /readyz show the stream, and SIGTERM ends it cleanly. /readyz's judgement of a
-stream that stays down is checked in-process, on a fake clock."""
+exchange's changes reach `orders`, and its fills `fills`, within a second with REST held back
+to its catch-ups, /metrics and /readyz show the stream, and SIGTERM ends it cleanly.
+/readyz's judgement of a stream that stays down is checked in-process, on a fake clock."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import key_id
 from tests.fix_exchange import spawn, wait_until
 from tests.sync.helpers import count
-from tests.sync.test_realtime import streamed_table, streamed_truth
+from tests.sync.test_realtime import fills_table, fills_truth, streamed_table, streamed_truth
 from tests.test_health import daemon_env, free_port, scrape, value, wait_ready
 
 
@@ -50,7 +50,9 @@ def test_a_realtime_daemon_keeps_orders_within_a_second_of_a_trading_exchange(
             paused = time.monotonic()
             with app.lock:
                 truth = streamed_truth(exchange)
+                fills = fills_truth(exchange)
             wait_until(lambda: streamed_table(db) == truth, timeout=5, poll=0.01)  # noqa: B023
+            wait_until(lambda: fills_table(db) == fills, timeout=5, poll=0.01)  # noqa: B023
             lags.append(time.monotonic() - paused)
             app.resume()
         assert max(lags) < 1.0, lags
@@ -71,7 +73,7 @@ def test_a_realtime_daemon_keeps_orders_within_a_second_of_a_trading_exchange(
         _, stderr = proc.communicate(timeout=15)
         assert proc.returncode == 0, stderr
         assert "Traceback" not in stderr
-        assert "user_orders stream subscribed" in stderr
+        assert "user_orders+fill stream subscribed" in stderr
     finally:
         proc.kill()
         server.shutdown()

@@ -32,21 +32,23 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from etl.kalshi.stream import stream_url
     from etl.scheduler import Job, run_daemon
     from etl.streams import Listing
-    from etl.streams.registry import LISTINGS
+    from etl.streams.registry import CHANNEL_OF, LISTINGS
     from etl.sync.listing import sync_listing
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
-    from etl.sync.realtime import RealtimeOrders
+    from etl.sync.realtime import RealtimeAccount
     from etl.sync.run import is_due
 
     stop = threading.Event()
     accounts = chosen_accounts(settings)
     clients = {a.name: open_client(a, settings, cancel=stop) for a in accounts}
-    realtime = bool(args.realtime or settings.realtime)
+    chosen = chosen_streams(args)
+    # The WebSocket channels of the streams chosen (user_orders, fill).
+    channels = [CHANNEL_OF[s] for s in chosen if s in CHANNEL_OF]
+    realtime = bool(args.realtime or settings.realtime) and bool(channels)
     # While the stream is up, REST is the safety net and runs less often; the readiness of
     # the orders job is judged against that longer interval.
     rest_every = max(args.orders_every, args.realtime_rest_every) if realtime else args.orders_every
-    chosen = chosen_streams(args)
     every = {
         "orders": args.orders_every,
         "queue_positions": args.queue_every,
@@ -85,13 +87,14 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         for a in accounts:
             record_intervals(conn, a.name, intervals)
     streams = {
-        a.name: RealtimeOrders(
+        a.name: RealtimeAccount(
             engine,
             clients[a.name],
             account=a.name,
             stream_url=stream_url(a.api_base),
             stop=stop,
             lookback=settings.lookback,
+            channels=channels,
         )
         for a in accounts
         if realtime
@@ -101,7 +104,8 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         "daemon for %s %s%s; Ctrl-C or SIGTERM stops it",
         "account" if len(accounts) == 1 else f"{len(accounts)} accounts:",
         names,
-        f"; realtime: the user_orders stream, REST every {rest_every} while it is up"
+        f"; realtime: the {' and '.join(channels)} channels, orders by REST every "
+        f"{rest_every} while they are up"
         if realtime
         else "",
     )
@@ -179,7 +183,9 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
             )
             for stream in streams.values():
                 if not stream.join(timeout=5.0):
-                    log.warning("the user_orders stream of %s did not stop in 5s", stream.account)
+                    log.warning(
+                        "the %s stream of %s did not stop in 5s", stream.name, stream.account
+                    )
             return code
     finally:
         stop.set()
@@ -214,8 +220,9 @@ def register(commands: Commands) -> None:
     p.add_argument(
         "--realtime",
         action="store_true",
-        help="also stream order changes from the user_orders WebSocket into orders, each "
-        "reconnect reconciled by REST (default: KALSHI_ETL_REALTIME, else off)",
+        help="also stream order changes (user_orders) and fills (fill) from the WebSocket into "
+        "orders and fills, each reconnect reconciled by REST (default: KALSHI_ETL_REALTIME, "
+        "else off)",
     )
     p.add_argument(
         "--realtime-rest-every",

@@ -38,11 +38,12 @@ from etl.db.models import (
     sync_runs,
     sync_state,
 )
-from etl.db.state import LIVE_STREAM, stream_health
+from etl.db.state import stream_health
 from etl.errors import (
     ConfigError,
     LockBusyError,
 )
+from etl.streams.registry import CHANNEL_OF
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -201,8 +202,9 @@ def status_lines(engine: Engine, account: str | None = None) -> list[str]:
                 if run.error:
                     lines.append(f"  error       {run.error}")
         for state in states:
-            if state.stream == LIVE_STREAM and state.watermark is not None:
-                lines.append(f"user_orders stream (account {state.account})")
+            channel = CHANNEL_OF.get(state.stream.removesuffix(":stream"))
+            if state.stream.endswith(":stream") and channel and state.watermark is not None:
+                lines.append(f"{channel} stream (account {state.account})")
                 lines.append(
                     f"  last change {state.watermark.isoformat()} (committed "
                     f"{state.updated_at.isoformat(timespec='seconds')})"

@@ -199,8 +199,12 @@ def known_subaccounts(conn: Connection, account: str) -> set[int]:
 
 
 BACKFILL_STREAM = "orders:backfill"
-# The row of the user_orders WebSocket: the newest exchange time committed from it.
-LIVE_STREAM = "orders:stream"
+
+
+def live_stream(stream: str) -> str:
+    """The ``sync_state`` row of ``stream``'s WebSocket channel: the newest exchange time
+    committed from it (``orders:stream``, ``fills:stream``)."""
+    return f"{stream}:stream"
 
 
 def backfill_coverage(conn: Connection, account: str) -> list[tuple[int, int]]:

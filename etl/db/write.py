@@ -8,9 +8,10 @@ record a table keeps. Never commits: the caller owns the transaction.
   ``version`` column is newer, or as new with different content (``version`` ``None``: the
   last version fetched wins whenever its content differs).
 
-Each write is one ``INSERT … ON CONFLICT (key) DO UPDATE … WHERE <rule>``: rows the rule
-leaves alone are not touched (no dead tuples), and ``RETURNING (xmax = 0)`` tells inserted
-from updated. Orders keep their own COPY-and-merge path (:mod:`etl.db.upsert`).
+Each write is a ``COPY`` into a staging table, then one ``INSERT … SELECT … ON CONFLICT (key)
+DO UPDATE … WHERE <rule>``: rows the rule leaves alone are not touched (no dead tuples), and
+``RETURNING (xmax = 0)`` tells inserted from updated. Orders keep their own merge, whose rule
+compares versions field by field (:mod:`etl.db.upsert`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from etl.db.upsert import Counts
+from etl.db.engine import driver_cursor
+from etl.db.upsert import Counts, json_text
 
 
 @dataclass(frozen=True)
@@ -77,26 +78,57 @@ def write_rows(
 ) -> Counts:
     """Write ``rows`` (column → value, ``account`` and ``raw`` included) by ``rule``; return
     what happened. Rows with the same key in one batch: the last one counts (PostgreSQL
-    refuses a statement that touches one row twice), the others are unchanged."""
+    refuses a statement that touches one row twice), the others are unchanged.
+
+    The rows go by ``COPY`` into a session-local staging table, then one ``INSERT … SELECT …
+    ON CONFLICT`` in key order (so that two writers never lock rows in opposite orders)."""
     if not rows:
         return Counts()
     last: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
         last[tuple(row[k] for k in rule.key)] = row
-    table = rule.table
-    values = [
-        {**row, "first_synced_at": synced_at, "synced_at": synced_at} for row in last.values()
-    ]
-    stmt = pg_insert(table).values(values)
-    updatable = [c for c in values[0] if c not in rule.key and c != "first_synced_at"]
-    upsert: Any = stmt.on_conflict_do_update(
-        index_elements=[table.c[k] for k in rule.key],
-        set_={c: stmt.excluded[c] for c in updatable},
-        where=sa.text(rule.guard("excluded", table.name, claim=claim)),
-    ).returning(sa.literal_column("(xmax = 0)").label("inserted"))
-    flags = [bool(inserted) for (inserted,) in conn.execute(upsert)]
-    inserted = sum(flags)
-    updated = len(flags) - inserted
+    table = rule.table.name
+    columns = list(next(iter(last.values())))
+    stage = f"kalshi_etl_{table}_stage"
+    with driver_cursor(conn) as cur:
+        cur.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
+            f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        cur.execute(f"TRUNCATE {stage}")
+        with cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in last.values():
+                copy.write_row([_cell(row[c]) for c in columns])
+        cur.execute(_merge_sql(rule, columns, claim=claim), {"at": synced_at})
+        inserted, updated = (int(n) for n in cur.fetchone() or (0, 0))
     return Counts(
-        fetched=len(rows), inserted=inserted, updated=updated, unchanged=len(rows) - len(flags)
+        fetched=len(rows),
+        inserted=inserted,
+        updated=updated,
+        unchanged=len(rows) - inserted - updated,
     )
+
+
+def _cell(value: Any) -> Any:
+    """A value as COPY takes it: JSON documents (``raw``) as their text."""
+    return json_text(value) if isinstance(value, dict | list) else value
+
+
+def _merge_sql(rule: WriteRule, columns: Sequence[str], *, claim: bool) -> str:
+    table = rule.table.name
+    stage = f"kalshi_etl_{table}_stage"
+    names = ", ".join(columns)
+    updatable = [c for c in columns if c not in rule.key]
+    assignments = ", ".join(f"{c} = excluded.{c}" for c in [*updatable, "synced_at"])
+    return f"""
+        WITH written AS (
+            INSERT INTO {table} ({names}, first_synced_at, synced_at)
+            SELECT {names}, %(at)s, %(at)s FROM {stage}
+            ORDER BY {", ".join(rule.key)}
+            ON CONFLICT ({", ".join(rule.key)}) DO UPDATE SET {assignments}
+            WHERE {rule.guard("excluded", table, claim=claim)}
+            RETURNING (xmax = 0) AS inserted
+        )
+        SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
+        FROM written
+    """

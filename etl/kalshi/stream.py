@@ -1,17 +1,18 @@
-"""The ``user_orders`` WebSocket: connect signed, subscribe, hand every message on, reconnect.
+"""The account's WebSocket channels (``user_orders``, ``fill``): connect signed, subscribe, hand
+every message on, reconnect.
 
 The upgrade request carries the same three headers as a REST request, signed over
 ``timestamp + "GET" + "/trade-api/ws/v2"`` and **signed again for every connection attempt**
 (a timestamp more than a minute old is refused). After ``{"cmd": "subscribe", "params":
-{"channels": ["user_orders"]}}`` is acknowledged, :meth:`StreamListener.subscribed` is called
-(the caller closes the gap with REST: the channel has no sequence numbers and no snapshot),
-then each message is passed on as received. Pings from the server are answered by the
-library; our own pings (every ``ping_interval``) detect a connection that went silent without
-closing. Any failure (refused upgrade, network, a close, a silent peer) ends the connection;
-the next attempt waits a full-jitter backoff, which starts over once a connection has stayed
-up for ``stable_after`` seconds.
+{"channels": ["user_orders", "fill"]}}`` is acknowledged, :meth:`StreamListener.subscribed` is
+called (the caller closes the gap with REST: the channels have no sequence numbers and no
+snapshot), then each message of a subscribed channel is passed on as received. Pings from
+the server are answered by the library; our own pings (every ``ping_interval``) detect a
+connection that went silent without closing. Any failure (refused upgrade, network, a close,
+a silent peer) ends the connection; the next attempt waits a full-jitter backoff, which
+starts over once a connection has stayed up for ``stable_after`` seconds.
 
-Blocking, on the caller's thread: :meth:`OrderStream.run` returns once ``stop`` is set.
+Blocking, on the caller's thread: :meth:`AccountStream.run` returns once ``stop`` is set.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/trade-api/ws/v2"
 SUBSCRIBE_ID = 1
+# The channels this client reads, and the type of their messages.
+MESSAGE_TYPES = {"user_orders": "user_order", "fill": "fill"}
 
 
 def stream_url(api_base: str) -> str:
@@ -74,8 +77,8 @@ class StreamListener(Protocol):
         """The subscription was acknowledged (first connect and every reconnect)."""
 
     def message(self, body: Any, received: float) -> None:
-        """A ``user_order`` message (decoded JSON, or the text when it is not JSON), and
-        when it arrived (Unix seconds)."""
+        """A message of a subscribed channel (decoded JSON, or the text when it is not
+        JSON), and when it arrived (Unix seconds)."""
 
     def disconnected(self, reason: str) -> None:
         """The connection ended (or could not be made); a reconnect follows."""
@@ -85,14 +88,15 @@ class StreamError(Exception):
     """The server answered the subscription with an error, or not at all."""
 
 
-class OrderStream:
-    """The ``user_orders`` channel of one account (see the module docstring).
+class AccountStream:
+    """The WebSocket channels of one account (see the module docstring).
 
     Args:
         url: the WebSocket URL (:func:`stream_url`).
         auth: signs each connection attempt.
         listener: told of subscriptions, messages and drops.
         stop: set to end :meth:`run` (the connection is closed cleanly).
+        channels: the channels to subscribe to (keys of :data:`MESSAGE_TYPES`).
         market_tickers: only these markets (default: every market).
         rng: for the backoff's jitter.
     """
@@ -105,6 +109,7 @@ class OrderStream:
         *,
         stop: threading.Event,
         policy: StreamPolicy = StreamPolicy(),
+        channels: Sequence[str] = ("user_orders",),
         market_tickers: Sequence[str] = (),
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -114,6 +119,8 @@ class OrderStream:
         self.listener = listener
         self.stop = stop
         self.policy = policy
+        self.channels = list(channels)
+        self._types = {MESSAGE_TYPES[c] for c in self.channels}
         self.market_tickers = list(market_tickers)
         self._rng = rng
         self.attempts = 0  # connection attempts so far, for tests and logs
@@ -140,10 +147,11 @@ class OrderStream:
             failures += 1
             self.listener.disconnected(reason)
             log.warning(
-                "user_orders stream: %s; reconnecting in %.1fs (the REST sync closes the gap)",
+                "%s stream: %s; reconnecting in %.1fs (the REST sync closes the gap)",
+                self.name,
                 reason,
                 delay,
-                extra={"stream": "user_orders", "error": reason},
+                extra={"stream": self.name, "error": reason},
             )
             if self.stop.wait(delay):
                 return
@@ -162,7 +170,7 @@ class OrderStream:
         ) as ws:
             self._subscribe(ws)
             up_since.append(time.monotonic())
-            log.info("user_orders stream subscribed (%s)", self.url)
+            log.info("%s stream subscribed (%s)", self.name, self.url)
             self.listener.subscribed()
             while not self.stop.is_set():
                 try:
@@ -172,15 +180,22 @@ class OrderStream:
                 received = time.time()
                 body = _decode(text)
                 kind = body.get("type") if isinstance(body, dict) else None
-                if kind == "user_order" or not isinstance(body, dict):
+                if kind in self._types or not isinstance(body, dict):
                     self.listener.message(body, received)
                 elif kind == "error":
-                    log.warning("user_orders stream: the server sent an error: %s", body.get("msg"))
+                    log.warning(
+                        "%s stream: the server sent an error: %s", self.name, body.get("msg")
+                    )
                 else:
-                    log.debug("user_orders stream: ignored a %r message", kind)
+                    log.debug("%s stream: ignored a %r message", self.name, kind)
+
+    @property
+    def name(self) -> str:
+        """The channels, as logs name the stream (``user_orders+fill``)."""
+        return "+".join(self.channels)
 
     def _subscribe(self, ws: ClientConnection) -> None:
-        params: dict[str, Any] = {"channels": ["user_orders"]}
+        params: dict[str, Any] = {"channels": self.channels}
         if self.market_tickers:
             params["market_tickers"] = self.market_tickers
         ws.send(json.dumps({"id": SUBSCRIBE_ID, "cmd": "subscribe", "params": params}))
@@ -205,7 +220,7 @@ class OrderStream:
                 raise StreamError(
                     f"the server refused the subscription: {msg.get('code')} {msg.get('msg')}"
                 )
-            if body.get("type") == "user_order":  # a message racing the acknowledgement
+            if body.get("type") in self._types:  # a message racing the acknowledgement
                 self.listener.message(body, time.time())
 
 

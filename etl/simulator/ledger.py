@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -83,6 +83,36 @@ class SimFill:
         if self.subaccount:
             body["subaccount_number"] = self.subaccount
         return body
+
+    def render_fill_message(self, post_position: int) -> dict[str, Any]:
+        """The ``msg`` of the WebSocket ``fill`` message (KALSHI.md, "WebSocket"):
+        ``trade_id`` and ``market_ticker``, no ``no_price_dollars``, times as ``ts`` and
+        ``ts_ms``, the signed position after the fill; ``subaccount`` only when not 0."""
+        message: dict[str, Any] = {
+            "trade_id": self.fill_id,
+            "order_id": self.order_id,
+            "market_ticker": self.ticker,
+            "exchange_index": 0,
+            "is_taker": self.is_taker,
+            "yes_price_dollars": _dollars(self.yes_price),
+            "count_fp": f"{self.count}.00",
+            "fee_cost": _dollars(self.fee),
+            "outcome_side": "yes" if self.yes_side else "no",
+            "book_side": "bid" if self.yes_side else "ask",
+            "side": self.side,
+            "action": self.action,
+            "purchased_side": self.side if self.action == "buy" else _other(self.side),
+            "ts": int(self.created.timestamp()),
+            "ts_ms": round(self.created.timestamp() * 1000),
+            "post_position_fp": f"{post_position}.00",
+        }
+        if self.subaccount:
+            message["subaccount"] = self.subaccount
+        return message
+
+
+def _other(side: str) -> str:
+    return "no" if side == "yes" else "yes"
 
 
 @dataclass
@@ -157,9 +187,18 @@ class Ledger:
         self._fills: dict[str, SimFill] = {}
         self._sorted: list[tuple[datetime, str]] = []  # (created, fill_id) ascending
         self._settlements: dict[tuple[int, str], SimSettlement] = {}
+        # The signed position (YES positive) per (subaccount, ticker), after every fill.
+        self._positions: dict[tuple[int, str], int] = {}
+        # Called with each fill recorded and the position after it (the WebSocket feed).
+        self.listeners: list[Callable[[SimFill, int], None]] = []
 
     def record(self, fill: SimFill) -> None:
         self._fills[fill.fill_id] = fill
+        where = (fill.subaccount, fill.ticker)
+        position = self._positions.get(where, 0) + (fill.count if fill.yes_side else -fill.count)
+        self._positions[where] = position
+        for listener in self.listeners:
+            listener(fill, position)
         key = (fill.created, fill.fill_id)
         if not self._sorted or key > self._sorted[-1]:
             self._sorted.append(key)

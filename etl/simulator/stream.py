@@ -1,4 +1,4 @@
-"""The simulator's WebSocket: ``/trade-api/ws/v2`` with the ``user_orders`` channel.
+"""The simulator's WebSocket: ``/trade-api/ws/v2`` with the ``user_orders`` and ``fill`` channels.
 
 Served on the REST port: the HTTP server hands a connection whose request line asks for
 :data:`WS_PATH` to :meth:`StreamHub.serve_connection`, which speaks the protocol with the
@@ -6,10 +6,11 @@ sans-I/O core of ``websockets`` on the raw socket, so that every fault is in our
 
 - The upgrade must carry the three signed headers (message ``timestamp + "GET" +
   "/trade-api/ws/v2"``), checked like a REST request's; a bad or stale one is refused with 401.
-- ``{"id", "cmd": "subscribe", "params": {"channels": ["user_orders"], "market_tickers"?}}``
-  is acknowledged with ``{"id", "type": "subscribed", "msg": {"channel", "sid"}}``; from then
-  on every change the exchange makes to an order of that key's account is sent as
-  ``{"type": "user_order", "sid", "msg": {...}}`` (KALSHI.md, "WebSocket").
+- ``{"id", "cmd": "subscribe", "params": {"channels": [...], "market_tickers"?}}`` is
+  acknowledged with one ``{"id", "type": "subscribed", "msg": {"channel", "sid"}}`` per
+  channel; from then on every change the exchange makes to an order of that key's account is
+  sent as ``{"type": "user_order", "sid", "msg": {...}}`` (``user_orders``) and every fill as
+  ``{"type": "fill", "sid", "msg": {...}}`` (``fill``), as KALSHI.md, "WebSocket" says.
 - The server pings every ``ping_interval`` seconds; the client's pings are answered.
 - Once an account has been subscribed to, a ticker plays its exchange's trading events as the
   wall clock passes (REST requests do too), so that changes are pushed as they happen.
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WS_PATH = "/trade-api/ws/v2"
+# The channels served, and the type of their messages.
+CHANNELS = {"user_orders": "user_order", "fill": "fill"}
 TICK = 0.01  # seconds between the ticker's trading steps while someone listens
 
 
@@ -111,9 +114,9 @@ class StreamHub:
         self.counts["muted"] += len(sessions)
 
     def subscribers(self) -> int:
-        """Connections with an open ``user_orders`` subscription (muted ones excluded)."""
+        """Connections with an open subscription (muted ones excluded)."""
         with self._lock:
-            return sum(1 for s in self._sessions if s.sid is not None and not s.muted)
+            return sum(1 for s in self._sessions if s.sids and not s.muted)
 
     def close(self) -> None:
         """End every connection and the ticker (the server is shutting down)."""
@@ -128,7 +131,12 @@ class StreamHub:
             if id(exchange) in self._watched:
                 return
             self._watched[id(exchange)] = exchange
-        exchange.listeners.append(lambda order: self._publish(exchange, order))
+        exchange.listeners.append(lambda order: self._publish_order(exchange, order))
+        exchange.ledger.listeners.append(
+            lambda fill, position: self._publish(
+                exchange, "fill", fill.render_fill_message(position), fill.ticker
+            )
+        )
 
     def trade_continuously(self, exchange: Exchange) -> None:
         """Play ``exchange``'s trading as the wall clock passes from now on, whether or not
@@ -136,17 +144,18 @@ class StreamHub:
         self.watch(exchange)
         self._ensure_ticker()
 
-    def _publish(self, exchange: Exchange, order: SimOrder) -> None:
+    def _publish_order(self, exchange: Exchange, order: SimOrder) -> None:
+        if not order.malformed:
+            self._publish(exchange, "user_orders", order.render_user_order(), order.ticker)
+
+    def _publish(
+        self, exchange: Exchange, channel: str, message: dict[str, Any], ticker: str
+    ) -> None:
         # Called under the app's lock by the exchange: only queue, never block.
-        if order.malformed:
-            return
         with self._lock:
-            listening = [s for s in self._sessions if s.exchange is exchange and s.sid]
-        if not listening:
-            return
-        message = order.render_user_order()
+            listening = [s for s in self._sessions if s.exchange is exchange and channel in s.sids]
         for session in listening:
-            session.offer(message)
+            session.offer(channel, message, ticker)
 
     def _ensure_ticker(self) -> None:
         with self._lock:
@@ -221,10 +230,11 @@ class _Session:
         self.sock = sock
         self.protocol = ServerProtocol(max_size=1 << 20)
         self.exchange: Exchange | None = None
-        self.sid: int | None = None
+        self.sids: dict[str, int] = {}  # channel → subscription id
         self.tickers: set[str] | None = None
         self.muted = False
-        self._outbox: deque[tuple[float, dict[str, Any]]] = deque()  # (when due, message)
+        # (when due, channel, message)
+        self._outbox: deque[tuple[float, str, dict[str, Any]]] = deque()
         # Messages held back (reorder fault): (when due, message).
         self._held: deque[tuple[float, dict[str, Any]]] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -232,10 +242,10 @@ class _Session:
 
     # called from other threads
 
-    def offer(self, message: Mapping[str, Any]) -> None:
-        if self.tickers is not None and message["ticker"] not in self.tickers:
+    def offer(self, channel: str, message: Mapping[str, Any], ticker: str) -> None:
+        if self.tickers is not None and ticker not in self.tickers:
             return
-        self._outbox.append((time.monotonic() + self.hub.faults.delay, dict(message)))
+        self._outbox.append((time.monotonic() + self.hub.faults.delay, channel, dict(message)))
         self._wake()
 
     def cut(self) -> None:
@@ -335,7 +345,11 @@ class _Session:
             )
             return
         channels = params.get("channels") if isinstance(params, dict) else None
-        if channels != ["user_orders"]:
+        if (
+            not isinstance(channels, list)
+            or not channels
+            or any(c not in CHANNELS for c in channels)
+        ):
             self._reply(
                 {"id": ident, "type": "error", "msg": {"code": 6, "msg": "Unknown channel"}}
             )
@@ -345,11 +359,12 @@ class _Session:
         self.tickers = set(tickers) if isinstance(tickers, list) and tickers else None
         assert self.exchange is not None
         self.hub.watch(self.exchange)
-        self.sid = self.hub.next_sid()
-        self.hub.counts["subscriptions"] += 1
-        self._reply(
-            {"id": ident, "type": "subscribed", "msg": {"channel": "user_orders", "sid": self.sid}}
-        )
+        for channel in dict.fromkeys(channels):
+            sid = self.sids[channel] = self.hub.next_sid()
+            self.hub.counts["subscriptions"] += 1
+            self._reply(
+                {"id": ident, "type": "subscribed", "msg": {"channel": channel, "sid": sid}}
+            )
         self.hub._ensure_ticker()
 
     def _reply(self, body: dict[str, Any]) -> None:
@@ -359,7 +374,8 @@ class _Session:
         faults = self.hub.faults
         now = time.monotonic()
         while self._outbox and self._outbox[0][0] <= now:
-            message = {"type": "user_order", "sid": self.sid, "msg": self._outbox.popleft()[1]}
+            _, channel, msg = self._outbox.popleft()
+            message = {"type": CHANNELS[channel], "sid": self.sids[channel], "msg": msg}
             if faults.reorder_rate and self.hub.roll() < faults.reorder_rate:
                 self._held.append((now + faults.reorder_hold, message))  # later ones overtake
                 self.hub.counts["reordered"] += 1

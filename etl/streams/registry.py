@@ -14,3 +14,5 @@ NAMES: Final = ("orders", "queue_positions", "fills", "settlements", "positions"
 LISTINGS: Final[dict[str, Listing]] = {s.name: s for s in (FILLS, SETTLEMENTS)}
 # What a pass covers by default: every stream this release syncs.
 AVAILABLE: Final = ("orders", "queue_positions", *LISTINGS)
+# The WebSocket channel of each stream that has one (`daemon --realtime`).
+CHANNEL_OF: Final = {"orders": "user_orders", "fills": "fill"}

@@ -1,26 +1,28 @@
-"""Realtime orders: the ``user_orders`` WebSocket written into ``orders``, reconciled by REST.
+"""Realtime: the account's WebSocket channels written into their tables, reconciled by REST.
 
-Three threads per account:
+The channels (:data:`CHANNELS`): ``user_orders`` into ``orders`` and ``fill`` into ``fills``,
+both on one connection. Three threads per account:
 
-- the **stream** (:class:`~etl.kalshi.stream.OrderStream`) receives messages and queues them
+- the **stream** (:class:`~etl.kalshi.stream.AccountStream`) receives messages and queues them
   in a bounded inbox (:data:`INBOX_LIMIT`): while the database is away they wait there, and
   once it is full new ones are dropped, the gap is marked and the REST catch-up that follows
-  the outage reads those orders again;
+  the outage reads those records again;
 - the **writer** commits them in micro-batches: whatever arrived while the previous batch was
   committing, at most :data:`MAX_BATCH` messages, so a change waits for at most one commit
   before its own (a few milliseconds; never more than ~50 ms at hundreds of changes a second).
-  Each message is parsed into the same :class:`~etl.kalshi.parse.Order` as REST and goes
-  through the same guarded upsert (a stream version never replaces a newer one, REST's or the
-  stream's; at equal times REST's version stays). Malformed messages go to
-  ``rejected_records``. ``sync_state`` row ``orders:stream`` (``LIVE_STREAM``) records, in the same
-  transaction, the newest exchange time committed;
-- the **catch-up** runs the incremental REST sync after every acknowledged subscription (first
-  connect and each reconnect): the channel has no sequence numbers and no snapshot, so what
-  changed while no connection was up is read from REST, with a lookback reaching back to the
-  last message committed before the drop.
+  Each message is parsed by the same parser as REST's records and written by the same rule
+  (an order version never replaces a newer one, REST's or the stream's, and at equal times
+  REST's stays; a fill is written once, deduplicated by ``trade_id`` = ``fill_id``, and REST's
+  version replaces the channel's). Malformed messages go to ``rejected_records``. The
+  ``sync_state`` row ``<stream>:stream`` (``orders:stream``, ``fills:stream``) records, in the
+  same transaction, the newest exchange time committed from that channel;
+- the **catch-up** runs the incremental REST sync of every channel's stream after every
+  acknowledged subscription (first connect and each reconnect): the channels have no sequence
+  numbers and no snapshot, so what changed while no connection was up is read from REST, with a
+  lookback reaching back to the last message committed before the drop.
 
-The daemon's periodic REST cycle stays as the safety net; :meth:`RealtimeOrders.rest_due`
-tells it to run less often while the stream is up.
+The daemon's periodic REST cycle stays as the safety net; :meth:`RealtimeAccount.rest_due`
+tells it to run the orders sync less often while the stream is up.
 """
 
 from __future__ import annotations
@@ -29,29 +31,34 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from etl import metrics
 from etl.db.engine import connection, transaction
-from etl.db.state import LIVE_STREAM, read_state, write_state
+from etl.db.state import live_stream, read_state, write_state
 from etl.db.upsert import Counts, insert_rejected, refusal_safe, upsert_orders, write_records
+from etl.db.write import write_rows
 from etl.errors import DatabaseError, EtlError, LockBusyError, StopRequested
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient
-from etl.kalshi.parse import Order, Rejected, parse_user_order
-from etl.kalshi.stream import OrderStream, StreamPolicy
-from etl.sync.orders import sync_orders
+from etl.kalshi.parse import Fill, Order, Rejected, parse_fill, parse_user_order
+from etl.kalshi.stream import MESSAGE_TYPES, AccountStream, StreamPolicy
+from etl.streams.fills import FILLS
+from etl.streams.registry import CHANNEL_OF
+from etl.sync.listing import rows_of, sync_listing
+from etl.sync.orders import SyncResult, sync_orders
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
 MARGIN = timedelta(seconds=5)  # extra lookback before the last message, for clock skew
 # Messages kept while they cannot be written (the database away): about 3 MB. Past it they
-# are dropped, the gap is marked, and the REST catch-up reads those orders again.
+# are dropped, the gap is marked, and the REST catch-up reads those records again.
 INBOX_LIMIT = 10_000
 SUMMARY_EVERY = 60.0  # seconds between the log lines of an outage that lasts
 
@@ -61,10 +68,100 @@ class Batch:
     """What one commit of stream messages did."""
 
     counts: Counts
-    lags: list[float]  # exchange time → commit, per order change (seconds)
+    lags: list[float]  # exchange time → commit, per change (seconds)
 
 
-class RealtimeOrders:
+# How a channel's records are written (in the caller's transaction), and what they refused.
+Writer = Callable[[Connection, Sequence[Any], str, datetime, bool], tuple[Counts, list[Rejected]]]
+# The REST sync that catches a channel's stream up: (engine, client, account, lookback, stop).
+CatchUp = Callable[[Engine, KalshiClient, str, timedelta, threading.Event], SyncResult]
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One WebSocket channel as the realtime path writes it.
+
+    Attributes:
+        name: the channel subscribed to (``fill``).
+        stream: its stream (``rejected_records``, ``sync_state`` row ``<stream>:stream``).
+        parse: a message's ``msg`` → a record, or a :class:`Rejected`.
+        write: writes parsed records by the stream's rule.
+        exchange_time: a record's exchange time (the watermark and the lag).
+        catch_up: the stream's incremental REST sync.
+    """
+
+    name: str
+    stream: str
+    parse: Callable[[Any], Any]
+    write: Writer
+    exchange_time: Callable[[Any], datetime | None]
+    catch_up: CatchUp
+
+    @property
+    def message_type(self) -> str:
+        return MESSAGE_TYPES[self.name]
+
+
+def _write_orders(
+    conn: Connection, records: Sequence[Order], account: str, now: datetime, one_by_one: bool
+) -> tuple[Counts, list[Rejected]]:
+    return write_records(
+        conn,
+        records,
+        lambda c, rs: upsert_orders(c, rs, account=account, synced_at=now, from_stream=True),
+        one_by_one=one_by_one,
+    )
+
+
+def _write_fills(
+    conn: Connection, records: Sequence[Fill], account: str, now: datetime, one_by_one: bool
+) -> tuple[Counts, list[Rejected]]:
+    return write_records(
+        conn,
+        records,
+        lambda c, rs: write_rows(c, FILLS.rule, rows_of(FILLS, account, rs), synced_at=now),
+        one_by_one=one_by_one,
+    )
+
+
+def _sync_fills(
+    db: Engine, client: KalshiClient, account: str, lookback: timedelta, stop: threading.Event
+) -> SyncResult:
+    return sync_listing(
+        db, client, FILLS, account=account, lookback=lookback, lock_wait=60.0, stop=stop
+    )
+
+
+def _sync_orders(
+    db: Engine, client: KalshiClient, account: str, lookback: timedelta, stop: threading.Event
+) -> SyncResult:
+    return sync_orders(db, client, account=account, lookback=lookback, lock_wait=60.0, stop=stop)
+
+
+CHANNELS: dict[str, Channel] = {
+    c.name: c
+    for c in (
+        Channel(
+            name=CHANNEL_OF["orders"],
+            stream="orders",
+            parse=parse_user_order,
+            write=_write_orders,
+            exchange_time=lambda o: o.last_update_time or o.created_time,
+            catch_up=_sync_orders,
+        ),
+        Channel(
+            name=CHANNEL_OF["fills"],
+            stream="fills",
+            parse=parse_fill,
+            write=_write_fills,
+            exchange_time=lambda f: f.created_time,
+            catch_up=_sync_fills,
+        ),
+    )
+}
+
+
+class RealtimeAccount:
     """The realtime path of one account (see the module docstring).
 
     Args:
@@ -75,6 +172,7 @@ class RealtimeOrders:
         stop: ends every thread; pending messages are committed first.
         lookback: the REST sync's usual lookback (the catch-up reaches further when needed).
         policy: the stream's timeouts and backoff.
+        channels: the channels to stream (keys of :data:`CHANNELS`).
     """
 
     def __init__(
@@ -88,6 +186,7 @@ class RealtimeOrders:
         lookback: timedelta = timedelta(minutes=5),
         policy: StreamPolicy | None = None,
         inbox_limit: int = INBOX_LIMIT,
+        channels: Sequence[str] = ("user_orders", "fill"),
     ) -> None:
         self.engine = engine
         self.client = client
@@ -97,9 +196,17 @@ class RealtimeOrders:
         auth = client.auth
         if not isinstance(auth, KalshiAuth):
             raise EtlError("the realtime stream needs a client that signs with an API key")
-        self.stream = OrderStream(
-            stream_url, auth, self, stop=stop, policy=policy or StreamPolicy()
+        self.channels = [CHANNELS[name] for name in channels]
+        self._by_type = {c.message_type: c for c in self.channels}
+        self.stream = AccountStream(
+            stream_url,
+            auth,
+            self,
+            stop=stop,
+            policy=policy or StreamPolicy(),
+            channels=[c.name for c in self.channels],
         )
+        self.name = self.stream.name  # how logs call it: user_orders+fill
         self._inbox: queue.Queue[tuple[Any, float]] = queue.Queue(maxsize=inbox_limit)
         self._dropped = 0  # messages dropped since the last catch-up was asked for
         self.dropped_total = 0
@@ -124,9 +231,10 @@ class RealtimeOrders:
     def start(self) -> None:
         metrics.stream_starting(self.account)
         with connection(self.engine) as conn:
-            stored = read_state(conn, self.account, LIVE_STREAM)
-        if stored is not None and stored.watermark is not None:
-            self._last_exchange_time = self._gap_start = stored.watermark
+            stored = [read_state(conn, self.account, live_stream(c.stream)) for c in self.channels]
+        marks = [s.watermark for s in stored if s is not None and s.watermark is not None]
+        if marks:  # what was sent since the earliest of them may have been missed
+            self._last_exchange_time, self._gap_start = max(marks), min(marks)
         for thread in self._threads:
             thread.start()
 
@@ -167,8 +275,9 @@ class RealtimeOrders:
             # last change committed may now be missing: the catch-up reads it from REST.
             if self._dropped == 0:
                 log.warning(
-                    "user_orders stream of %s: %d messages wait for the database; dropping "
-                    "new ones until it is back (the REST catch-up reads those orders again)",
+                    "%s stream of %s: %d messages wait for the database; dropping "
+                    "new ones until it is back (the REST catch-up reads those records again)",
+                    self.name,
                     self.account,
                     self._inbox.maxsize,
                 )
@@ -197,18 +306,18 @@ class RealtimeOrders:
         pending: list[tuple[Any, float]] = []
         outage: _Outage | None = None
         while True:
-            if not pending:
+            if not pending:  # a new batch (a batch that failed is retried as it is: bounded)
                 try:
                     pending.append(self._inbox.get(timeout=0.2))
                 except queue.Empty:
                     if self.stop.is_set() and self.stream_done():
                         return
                     continue
-            while len(pending) < MAX_BATCH:
-                try:
-                    pending.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
+                while len(pending) < MAX_BATCH:
+                    try:
+                        pending.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
             try:
                 self.write(pending)
                 pending = []
@@ -226,16 +335,17 @@ class RealtimeOrders:
                 if outage is None:
                     outage = _Outage(exc)
                     log.error(
-                        "user_orders stream of %s: %s; keeping the messages and retrying every "
-                        "second",
+                        "%s stream of %s: %s; keeping the messages and retrying every second",
+                        self.name,
                         self.account,
                         exc,
                     )
                 outage.still(self, len(pending))
                 if self.stop.wait(1.0):
                     log.warning(
-                        "user_orders stream of %s: stopping with %d messages not written; "
-                        "the next REST sync reads those orders again",
+                        "%s stream of %s: stopping with %d messages not written; "
+                        "the next REST sync reads those records again",
+                        self.name,
                         self.account,
                         len(pending) + self._inbox.qsize(),
                     )
@@ -243,8 +353,9 @@ class RealtimeOrders:
                 self._catch_up.set()  # the database was away: reconcile once it is back
             except Exception as exc:  # a bug: say so, keep streaming, let REST cover the batch
                 log.error(
-                    "user_orders stream of %s: could not write %d messages: %s: %s (a bug: "
-                    "please report it; the REST catch-up reads those orders again)",
+                    "%s stream of %s: could not write %d messages: %s: %s (a bug: "
+                    "please report it; the REST catch-up reads those records again)",
+                    self.name,
                     self.account,
                     len(pending),
                     type(exc).__name__,
@@ -259,48 +370,57 @@ class RealtimeOrders:
 
     def write(self, messages: list[tuple[Any, float]]) -> Batch:
         """Commit ``messages`` (as received, with their arrival times) in one transaction."""
-        records: list[Order] = []
-        rejected: list[Rejected] = []
+        records: dict[str, list[Any]] = {c.name: [] for c in self.channels}
+        rejected: dict[str, list[Rejected]] = {c.stream: [] for c in self.channels}
         for body, _received in messages:
-            parsed = _parse(body)
-            if isinstance(parsed, Order):
-                records.append(parsed)
+            channel, parsed = self._parse(body)
+            if isinstance(parsed, Rejected):
+                rejected[channel.stream].append(parsed)
             else:
-                rejected.append(parsed)
+                records[channel.name].append(parsed)
         now = datetime.now(UTC)
-        stamps = [t for t in map(_exchange_time, records) if t is not None]
-        newest = max(stamps, default=None)
+        stamps: dict[str, list[datetime]] = {
+            c.name: [t for t in map(c.exchange_time, records[c.name]) if t is not None]
+            for c in self.channels
+        }
 
         def attempt(one_by_one: bool) -> Counts:
+            total = Counts()
             with transaction(self.engine) as conn:
-                counts, refused = write_records(
-                    conn,
-                    records,
-                    lambda c, rs: upsert_orders(
-                        c, rs, account=self.account, synced_at=now, from_stream=True
-                    ),
-                    one_by_one=one_by_one,
-                )
-                insert_rejected(  # kept once; counted as met
-                    conn,
-                    [*rejected, *refused],
-                    stream="orders",
-                    account=self.account,
-                    received_at=now,
-                )
-                if newest is not None:
-                    write_state(conn, self.account, LIVE_STREAM, watermark=newest)
-            return counts + Counts(rejected=len(rejected) + len(refused))
+                for channel in self.channels:
+                    counts, refused = channel.write(
+                        conn, records[channel.name], self.account, now, one_by_one
+                    )
+                    kept = [*rejected[channel.stream], *refused]
+                    insert_rejected(  # kept once; counted as met
+                        conn, kept, stream=channel.stream, account=self.account, received_at=now
+                    )
+                    newest = max(stamps[channel.name], default=None)
+                    if newest is not None:
+                        state = live_stream(channel.stream)
+                        write_state(conn, self.account, state, watermark=newest)
+                    total += counts + Counts(rejected=len(kept))
+            return total
 
-        counts = refusal_safe(attempt, what="a batch of user_orders messages")
+        counts = refusal_safe(attempt, what=f"a batch of {self.name} messages")
         committed = time.time()
-        lags = [committed - t.timestamp() for t in stamps]
+        every = [t for ts in stamps.values() for t in ts]
+        lags = [committed - t.timestamp() for t in every]
         metrics.stream_committed(self.account, asdict(counts), lags)
+        newest = max(every, default=None)
         if newest is not None and (
             self._last_exchange_time is None or newest > self._last_exchange_time
         ):
             self._last_exchange_time = newest
         return Batch(counts=counts, lags=lags)
+
+    def _parse(self, body: Any) -> tuple[Channel, Any]:
+        """The channel of a message, and its ``msg`` parsed (a :class:`Rejected` when bad; a
+        message that is not a JSON object is counted against the first channel's stream)."""
+        if not isinstance(body, dict):
+            return self.channels[0], Rejected(f"{self.name} message: not a JSON object", body)
+        channel = self._by_type.get(str(body.get("type")), self.channels[0])
+        return channel, channel.parse(body.get("msg"))
 
     # -- catch-up -------------------------------------------------------------------------
 
@@ -349,41 +469,37 @@ class RealtimeOrders:
             self._catch_up.set()
 
     def catch_up(self) -> None:
-        """One incremental REST sync whose lookback reaches the last change committed from
-        the stream (less a margin), so that whatever changed while no connection was up is
-        read."""
+        """The incremental REST sync of each channel's stream, with a lookback reaching the
+        last change committed from the stream (less a margin), so that whatever changed while
+        no connection was up is read."""
         with self._gap_lock:
             gap_start, self._gap_start = self._gap_start, None
         lookback = self.lookback
         if gap_start is not None:
             lookback = max(lookback, datetime.now(UTC) - gap_start + MARGIN)
         log.info(
-            "user_orders stream of %s subscribed: catching up with REST (lookback %s)",
+            "%s stream of %s subscribed: catching up with REST (lookback %s)",
+            self.name,
             self.account,
             timedelta(seconds=round(lookback.total_seconds())),
         )
+        done = []
         try:
-            result = sync_orders(
-                self.engine,
-                self.client,
-                account=self.account,
-                lookback=lookback,
-                lock_wait=60.0,
-                stop=self.stop,
-            )
+            for channel in self.channels:
+                result = channel.catch_up(
+                    self.engine, self.client, self.account, lookback, self.stop
+                )
+                c = result.counts
+                done.append(
+                    f"{channel.stream} fetched {c.fetched}, inserted {c.inserted}, "
+                    f"updated {c.updated}"
+                )
         except BaseException:
             self._keep_gap(gap_start)  # not caught up: the next attempt reaches as far back
             raise
         self.rest_synced()
         self.catch_ups += 1
-        c = result.counts
-        log.info(
-            "REST catch-up of %s done: fetched %d, inserted %d, updated %d",
-            self.account,
-            c.fetched,
-            c.inserted,
-            c.updated,
-        )
+        log.info("REST catch-up of %s done: %s", self.account, "; ".join(done))
 
 
 class _Outage:
@@ -394,36 +510,28 @@ class _Outage:
         self.said = self.began
         self.error = str(exc)
 
-    def still(self, stream: RealtimeOrders, pending: int) -> None:
+    def still(self, stream: RealtimeAccount, pending: int) -> None:
         waiting = pending + stream._inbox.qsize()
         metrics.stream_backlog(stream.account, waiting)
         now = time.monotonic()
         if now - self.said >= SUMMARY_EVERY:
             self.said = now
             log.warning(
-                "user_orders stream of %s: the database has been away for %.0fs; %d messages "
+                "%s stream of %s: the database has been away for %.0fs; %d messages "
                 "waiting, %d dropped",
+                stream.name,
                 stream.account,
                 now - self.began,
                 waiting,
                 stream.dropped_total,
             )
 
-    def ended(self, stream: RealtimeOrders) -> None:
+    def ended(self, stream: RealtimeAccount) -> None:
         log.info(
-            "user_orders stream of %s: the database is back after %.0fs; the waiting messages "
+            "%s stream of %s: the database is back after %.0fs; the waiting messages "
             "are written (%d dropped in all, read again by the REST catch-up)",
+            stream.name,
             stream.account,
             time.monotonic() - self.began,
             stream.dropped_total,
         )
-
-
-def _parse(body: Any) -> Order | Rejected:
-    if not isinstance(body, dict):
-        return Rejected("user_orders message: not a JSON object", body)
-    return parse_user_order(body.get("msg"))
-
-
-def _exchange_time(order: Order) -> datetime | None:
-    return order.last_update_time or order.created_time

@@ -1,5 +1,6 @@
-"""The user_orders WebSocket written into ``orders``, reconciled by REST, against the simulator
-over real loopback sockets (HTTP and WebSocket on one port) and a real PostgreSQL."""
+"""The user_orders and fill WebSocket channels written into ``orders`` and ``fills``, reconciled
+by REST, against the simulator over real loopback sockets (HTTP and WebSocket on one port) and
+a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ from etl.db.engine import create_engine
 from etl.db.upsert import ORDER_COLUMNS
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient, RetryPolicy
-from etl.kalshi.parse import STREAM_LACKS, Order, parse_order
+from etl.kalshi.parse import FILL_COLUMNS, STREAM_LACKS, Fill, Order, parse_fill, parse_order
 from etl.kalshi.stream import WS_PATH, StreamPolicy, stream_url
 from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import key_id
-from etl.sync.realtime import RealtimeOrders
+from etl.streams.fills import FILLS
+from etl.sync.listing import sync_listing
+from etl.sync.realtime import RealtimeAccount
 from tests.fix_exchange import wait_until
 from tests.proxy import DatabaseProxy
 from tests.sync.helpers import ACCOUNT, assert_table_equals_truth, count, runs
@@ -87,10 +90,10 @@ def live(private_key: rsa.RSAPrivateKey) -> Iterator[Live]:
 
 
 @pytest.fixture
-def realtime(db: Engine, live: Live) -> Iterator[RealtimeOrders]:
+def realtime(db: Engine, live: Live) -> Iterator[RealtimeAccount]:
     """The account's realtime path, started and subscribed, its first REST catch-up done."""
     stop = threading.Event()
-    rt = RealtimeOrders(
+    rt = RealtimeAccount(
         db, live.client, account=ACCOUNT, stream_url=live.url, stop=stop, policy=FAST
     )
     rt.start()
@@ -136,8 +139,32 @@ def stream_caught_up(engine: Engine, live: Live) -> bool:
     return streamed_table(engine) == truth
 
 
-def rest_runs(engine: Engine) -> int:
-    return count(engine, "SELECT count(*) FROM sync_runs WHERE stream = 'orders'")
+def rest_runs(engine: Engine, stream: str = "orders") -> int:
+    return count(engine, f"SELECT count(*) FROM sync_runs WHERE stream = '{stream}'")
+
+
+FILL_VALUES = [c for c in FILL_COLUMNS if c != "raw"]  # the channel carries every one
+
+
+def fills_table(engine: Engine) -> dict[str, tuple[Any, ...]]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT {', '.join(FILL_VALUES)} FROM fills"))
+        return {row.fill_id: tuple(row) for row in rows}
+
+
+def fills_truth(exchange: Exchange) -> dict[str, tuple[Any, ...]]:
+    truth = {}
+    for sim in exchange.ledger.fills():
+        fill = parse_fill(sim.render())
+        assert isinstance(fill, Fill)
+        truth[fill.fill_id] = tuple(getattr(fill, c) for c in FILL_VALUES)
+    return truth
+
+
+def fills_caught_up(engine: Engine, live: Live) -> bool:
+    with live.app.lock:
+        truth = fills_truth(live.exchange)
+    return fills_table(engine) == truth
 
 
 def test_with_the_stream_on_the_table_equals_the_truth_within_a_second_of_the_last_change(
@@ -153,6 +180,48 @@ def test_with_the_stream_on_the_table_equals_the_truth_within_a_second_of_the_la
     assert caught_up_after < 1.0, f"the table matched the truth {caught_up_after:.2f}s late"
     assert rest_runs(db) == before, "REST ran: the stream alone should have done it"
     assert live.app.stream.counts["messages"] >= 250
+
+
+def test_with_the_stream_on_fills_equal_the_truth_within_a_second_once_each_and_rest_completes_them(
+    db, live, realtime
+):
+    hub = live.app.stream
+    hub.faults.duplicate_rate = 0.3  # a fill sent twice is written once
+    hub.faults.reorder_rate = 0.3
+    before = rest_runs(db, "fills")
+    with live.app.lock:
+        known = len(fills_truth(live.exchange))
+
+    last = trade(live, 300, pause=0.003)
+    wait_until(lambda: fills_caught_up(db, live), timeout=10, poll=0.01)
+    caught_up_after = time.time() - last
+
+    assert caught_up_after < 1.0, f"fills matched the truth {caught_up_after:.2f}s late"
+    assert rest_runs(db, "fills") == before, "REST ran: the fill channel alone should have done it"
+    streamed = count(db, "SELECT count(*) FROM fills WHERE raw ? 'ts_ms'")
+    assert streamed == len(fills_truth(live.exchange)) - known > 20
+    assert hub.counts["duplicated"] > 0 and hub.counts["reordered"] > 0
+    with db.connect() as conn:
+        mark = conn.execute(
+            sa.text("SELECT watermark FROM sync_state WHERE stream = 'fills:stream'")
+        ).scalar_one()
+    assert mark == max(v[FILL_VALUES.index("created_time")] for v in fills_table(db).values())
+
+    # The REST version, which carries every field, replaces the channel's; nothing is added.
+    sync_listing(db, live.client, FILLS, account=ACCOUNT)
+    assert count(db, "SELECT count(*) FROM fills WHERE raw ? 'ts_ms'") == 0
+    assert fills_caught_up(db, live)
+
+
+def test_a_malformed_fill_message_is_kept_in_rejected_records_of_fills(db, live, realtime):
+    bad = {"trade_id": "t-1", "market_ticker": "KXSIM-E1-M1", "count_fp": "many"}
+    batch = realtime.write([({"type": "fill", "sid": 2, "msg": bad}, 0.0)])
+    assert batch.counts.rejected == 1
+    with db.connect() as conn:
+        row = conn.execute(sa.text("SELECT stream, error, payload FROM rejected_records")).one()
+    assert row.stream == "fills"
+    assert row.error.startswith("fill t-1: ") and "count_fp" in row.error
+    assert row.payload == bad
 
 
 def test_the_stream_records_the_newest_exchange_time_it_committed(db, live, realtime):
@@ -187,6 +256,7 @@ def test_after_a_lost_connection_during_which_orders_change_the_table_equals_the
     assert hub.counts["subscriptions"] >= 2
     assert hub.counts["messages"] == pushed_before, "the lost changes were never pushed"
     assert_table_equals_truth(db, live.exchange)  # the REST catch-up: every field, raw too
+    assert fills_caught_up(db, live)  # and the fills made meanwhile
 
 
 def test_duplicated_and_reordered_messages_leave_the_newest_version(db, live, realtime):
@@ -286,7 +356,7 @@ def test_messages_that_arrive_while_the_database_is_away_are_written_once_it_is_
     engine = create_engine(proxy.proxied_url)
     stop = threading.Event()
     account = f"acct-{uuid.uuid4().hex[:6]}"  # the metrics are per process: read deltas
-    rt = RealtimeOrders(
+    rt = RealtimeAccount(
         engine, live.client, account=account, stream_url=live.url, stop=stop, policy=FAST
     )
 
@@ -317,7 +387,7 @@ def test_messages_that_arrive_while_the_database_is_away_are_written_once_it_is_
 
 
 def test_a_catch_up_reads_back_to_the_last_change_committed_before_the_drop(db, live):
-    rt = RealtimeOrders(
+    rt = RealtimeAccount(
         db, live.client, account=ACCOUNT, stream_url=live.url, stop=threading.Event(), policy=FAST
     )
     rt.catch_up()  # the first sync: no watermark yet, so no min_ts
@@ -335,6 +405,12 @@ def test_a_catch_up_reads_back_to_the_last_change_committed_before_the_drop(db, 
         if path.endswith("/portfolio/orders") and "min_ts=" in query
     ]
     assert min_ts and min_ts[0] <= before_drop.timestamp() - 5  # the margin too
+    fills_min_ts = [
+        int(query.split("min_ts=")[1].split("&")[0])
+        for path, query in live.app.requests
+        if path.endswith("/portfolio/fills") and "min_ts=" in query
+    ]
+    assert fills_min_ts and fills_min_ts[0] <= before_drop.timestamp() - 5
 
 
 def test_while_the_database_is_away_the_inbox_stays_bounded_and_rest_covers_what_was_dropped(
@@ -344,7 +420,7 @@ def test_while_the_database_is_away_the_inbox_stays_bounded_and_rest_covers_what
     engine = create_engine(proxy.proxied_url)
     stop = threading.Event()
     account = f"acct-{uuid.uuid4().hex[:6]}"
-    rt = RealtimeOrders(
+    rt = RealtimeAccount(
         engine,
         live.client,
         account=account,
