@@ -238,6 +238,10 @@ def test_an_interrupted_backfill_commits_stops_and_resumes(db, tmp_path, live_si
     assert "backfill resumes:" in resumed.stderr
     assert "backfill: " in resumed.stderr and "ETA" in resumed.stderr  # plain progress lines
     assert_table_equals_truth(db, exchange)
+    assert "backfill (fills) " in resumed.stdout  # fills too, by default
+    with db.connect() as conn:
+        fills = conn.exec_driver_sql("SELECT fill_id FROM fills").scalars().all()
+    assert sorted(fills) == sorted(f.fill_id for f in exchange.ledger.fills())
 
 
 @pytest.mark.parametrize(

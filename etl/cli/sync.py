@@ -23,6 +23,7 @@ from etl.cli.wiring import (
     log,
     number,
     open_accounts,
+    stream_list,
 )
 from etl.config import (
     Account,
@@ -37,7 +38,8 @@ from etl.errors import (
     StopRequested,
 )
 from etl.kalshi.client import KalshiClient
-from etl.sync.orders import BackfillProgress
+from etl.sync.backfill import BackfillProgress
+from etl.sync.orders import SyncResult
 
 
 def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
@@ -122,10 +124,11 @@ def _sync_account(
 
 
 class BackfillDisplay:
-    """A backfill's progress: a tqdm bar on a terminal, updated per page with orders/s and
+    """A backfill's progress: a tqdm bar on a terminal, updated per page with records/s and
     the ETA (log lines print above it); plain log lines every ``every`` seconds elsewhere."""
 
-    def __init__(self, *, tty: bool, every: float = 10.0) -> None:
+    def __init__(self, *, tty: bool, noun: str = "orders", every: float = 10.0) -> None:
+        self.noun = noun
         self.started = time.monotonic()
         self.every = every
         self._lock = threading.Lock()
@@ -135,28 +138,31 @@ class BackfillDisplay:
         if tty:
             from tqdm import tqdm
 
-            self._bar = tqdm(unit="window", file=sys.stderr, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(
+                desc=noun, unit="window", file=sys.stderr, dynamic_ncols=True, leave=True
+            )
 
     def __call__(self, progress: BackfillProgress) -> None:
         with self._lock:
             now = time.monotonic()
             if self._first is None:
                 self._first = progress.windows_done
-            rate = progress.orders / max(now - self.started, 1e-9)
+            rate = progress.records / max(now - self.started, 1e-9)
             if self._bar is not None:
                 self._bar.total = progress.windows_total
                 self._bar.initial = self._first
                 self._bar.update(progress.windows_done - self._bar.n)
-                self._bar.set_postfix_str(f"{progress.orders:,} orders, {rate:,.0f}/s")
+                self._bar.set_postfix_str(f"{progress.records:,} {self.noun}, {rate:,.0f}/s")
             elif now - self._last_line >= self.every or (
                 progress.windows_done == progress.windows_total
             ):
                 self._last_line = now
                 log.info(
-                    "backfill: %d/%d windows, %d orders (%.0f/s), ETA %s",
+                    "backfill: %d/%d windows, %d %s (%.0f/s), ETA %s",
                     progress.windows_done,
                     progress.windows_total,
-                    progress.orders,
+                    progress.records,
+                    self.noun,
                     rate,
                     self._eta(progress, now),
                 )
@@ -175,10 +181,54 @@ class BackfillDisplay:
             self._bar.close()
 
 
+# The streams `backfill` covers (those read by time window).
+BACKFILLED = ("orders", "fills")
+
+
+def _backfill_one(
+    stream: str,
+    engine: Engine,
+    client: KalshiClient,
+    account: Account,
+    settings: Settings,
+    args: argparse.Namespace,
+    span: tuple[datetime, datetime],
+    stop: threading.Event,
+) -> SyncResult | None:
+    """One stream's backfill of one account with its progress; ``None`` when stopped."""
+    from etl.streams.registry import LISTINGS
+    from etl.sync.listing import backfill_listing
+    from etl.sync.orders import backfill_orders
+
+    display = BackfillDisplay(tty=sys.stderr.isatty(), noun=stream)
+    window = {
+        "since": span[0],
+        "until": span[1],
+        "window": args.window,
+        "concurrency": args.concurrency,
+        "on_progress": display,
+        "stop": stop,
+    }
+    try:
+        if stream == "orders":
+            return backfill_orders(engine, client, account=account.name, **window)
+        return backfill_listing(engine, client, LISTINGS[stream], account=account.name, **window)
+    except ApiStatusError as exc:
+        raise explain_auth(exc, account, settings) from exc
+    except StopRequested:
+        display.close()
+        print(
+            "kalshi-etl: backfill stopped; the windows done are kept: run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        return None
+    finally:
+        display.close()
+
+
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from etl.sync.orders import backfill_orders
 
     since = parse_time(args.since, name="--since")
     until = parse_time(args.until, name="--until") if args.until else datetime.now(UTC)
@@ -186,6 +236,9 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(
             f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})"
         )
+    streams = [s for s in (args.streams or BACKFILLED) if s in BACKFILLED]
+    if not streams:
+        raise ConfigError(f"backfill covers {' and '.join(BACKFILLED)}: --streams names neither")
     accounts, clients, engine = open_accounts(settings, args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -193,39 +246,21 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     for account, client in zip(accounts, clients, strict=True):
         if len(accounts) > 1:
             log.info("backfill of account %s", account.name)
-        display = BackfillDisplay(tty=sys.stderr.isatty())
         with client, logging_redirect_tqdm():
-            try:
-                result = backfill_orders(
-                    engine,
-                    client,
-                    account=account.name,
-                    since=since,
-                    until=until,
-                    window=args.window,
-                    concurrency=args.concurrency,
-                    on_progress=display,
-                    stop=stop,
+            for stream in streams:
+                result = _backfill_one(
+                    stream, engine, client, account, settings, args, (since, until), stop
                 )
-            except ApiStatusError as exc:
-                raise explain_auth(exc, account, settings) from exc
-            except StopRequested:
-                display.close()
+                if result is None:
+                    return EXIT_INTERRUPTED
+                c = result.counts
+                of = f" of {account.name}" if len(accounts) > 1 else ""
+                named = "" if stream == "orders" else f" ({stream})"
                 print(
-                    "kalshi-etl: backfill stopped; the windows done are kept: run the same "
-                    "command again to resume",
-                    file=sys.stderr,
+                    f"backfill{of}{named} {since.isoformat()} .. {until.isoformat()}: fetched "
+                    f"{c.fetched}, inserted {c.inserted}, updated {c.updated}, unchanged "
+                    f"{c.unchanged}, rejected {c.rejected}"
                 )
-                return EXIT_INTERRUPTED
-            finally:
-                display.close()
-        c = result.counts
-        of = f" of {account.name}" if len(accounts) > 1 else ""
-        print(
-            f"backfill{of} {since.isoformat()} .. {until.isoformat()}: fetched {c.fetched}, "
-            f"inserted {c.inserted}, updated {c.updated}, unchanged {c.unchanged}, "
-            f"rejected {c.rejected}"
-        )
     return 0
 
 
@@ -252,9 +287,18 @@ def register(commands: Commands) -> None:
     )
 
     p = commands.add_for_accounts(
-        "backfill", cmd_backfill, "one-off resumable load of every order in [since, until)"
+        "backfill",
+        cmd_backfill,
+        "one-off resumable load of every order and fill in [since, until)",
     )
     commands.allow_simulated(p)
+    p.add_argument(
+        "--streams",
+        type=stream_list,
+        default=None,
+        metavar="LIST",
+        help="only these of orders,fills (default: both)",
+    )
     p.add_argument("--since", required=True, help="ISO-8601 time or Unix seconds")
     p.add_argument("--until", help="ISO-8601 time or Unix seconds (default: now)")
     p.add_argument(

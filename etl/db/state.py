@@ -198,26 +198,28 @@ def known_subaccounts(conn: Connection, account: str) -> set[int]:
     return {0} | {int(row[0]) for row in rows}
 
 
-BACKFILL_STREAM = "orders:backfill"
-
-
 def live_stream(stream: str) -> str:
     """The ``sync_state`` row of ``stream``'s WebSocket channel: the newest exchange time
     committed from it (``orders:stream``, ``fills:stream``)."""
     return f"{stream}:stream"
 
 
-def backfill_coverage(conn: Connection, account: str) -> list[tuple[int, int]]:
-    """The time ranges (Unix seconds, half-open) a backfill of ``account`` has completed,
-    merged. Windows are keyed by their own bounds, so any later backfill, whatever its
-    ``--until``, reuses them. Reads the per-command rows of earlier releases too."""
+def backfill_state(stream: str) -> str:
+    """The ``sync_state`` row of ``stream``'s backfill windows (``fills:backfill``)."""
+    return f"{stream}:backfill"
+
+
+def backfill_coverage(
+    conn: Connection, account: str, stream: str = "orders"
+) -> list[tuple[int, int]]:
+    """The time ranges (Unix seconds, half-open) a backfill of ``account``'s ``stream`` has
+    completed, merged. Windows are keyed by their own bounds, so any later backfill, whatever
+    its ``--until``, reuses them. Reads the per-command rows of earlier releases too."""
+    row = backfill_state(stream)
     rows = conn.execute(
         sa.select(sync_state.c.state).where(
             sync_state.c.account == account,
-            sa.or_(
-                sync_state.c.stream == BACKFILL_STREAM,
-                sync_state.c.stream.like(BACKFILL_STREAM + ":%"),
-            ),
+            sa.or_(sync_state.c.stream == row, sync_state.c.stream.like(row + ":%")),
         )
     )
     spans: list[tuple[int, int]] = []
@@ -242,24 +244,27 @@ def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def mark_window_done(conn: Connection, account: str, start: int, end: int) -> None:
-    """Record [start, end) as loaded, atomically with the window's last page. Concurrent
-    windows serialise on the state row for the moment of their commit."""
+def mark_window_done(
+    conn: Connection, account: str, start: int, end: int, stream: str = "orders"
+) -> None:
+    """Record [start, end) of ``stream`` as loaded, atomically with the window's last page.
+    Concurrent windows serialise on the state row for the moment of their commit."""
+    row = backfill_state(stream)
     conn.execute(
         pg_insert(sync_state)
-        .values(account=account, stream=BACKFILL_STREAM, watermark=None, state={"done": []})
+        .values(account=account, stream=row, watermark=None, state={"done": []})
         .on_conflict_do_nothing()
     )
     state = conn.execute(
         sa.select(sync_state.c.state)
-        .where(sync_state.c.account == account, sync_state.c.stream == BACKFILL_STREAM)
+        .where(sync_state.c.account == account, sync_state.c.stream == row)
         .with_for_update()
     ).scalar_one()
     spans = [(int(a), int(b)) for a, b in (state or {}).get("done", [])]
     merged = merge_spans([*spans, (start, end)])
     conn.execute(
         sa.update(sync_state)
-        .where(sync_state.c.account == account, sync_state.c.stream == BACKFILL_STREAM)
+        .where(sync_state.c.account == account, sync_state.c.stream == row)
         .values(state={"done": [list(span) for span in merged]}, updated_at=sa.func.now())
     )
 

@@ -27,14 +27,21 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from etl.db.engine import connection
-from etl.db.state import known_subaccounts, read_state, write_state
+from etl.db.state import (
+    backfill_coverage,
+    known_subaccounts,
+    mark_window_done,
+    read_state,
+    write_state,
+)
 from etl.db.upsert import Counts, write_records
 from etl.db.write import write_rows
 from etl.kalshi.client import KalshiClient
 from etl.kalshi.parse import Rejected
 from etl.streams import Listing
 from etl.sync import engine
-from etl.sync.engine import Checkpoint, Sink
+from etl.sync.backfill import ProgressCallback, Window, plan_windows, run_windows
+from etl.sync.engine import Checkpoint, PageCallback, Sink
 from etl.sync.orders import SyncResult
 from etl.sync.run import Clock, Run, recorded_run, utcnow
 
@@ -72,7 +79,10 @@ def listing_sink(stream: Listing, *, subaccount: int | None = None) -> Sink[Any]
         )
 
     def checkpoint(conn: Connection, run: Run, point: Checkpoint) -> None:
-        write_state(conn, run.account, stream.name, watermark=point.watermark)
+        if point.window is not None:
+            mark_window_done(conn, run.account, *point.window, stream=stream.name)
+        else:
+            write_state(conn, run.account, stream.name, watermark=point.watermark)
 
     return Sink(
         stream=stream.name,
@@ -113,57 +123,126 @@ def sync_listing(
         if stream.incremental and state is not None and state.watermark is not None:
             since = state.watermark - lookback
         min_ts = None if since is None else int(since.timestamp())
-        partitions: list[int | None] = [None]
-        if stream.per_subaccount:
-            partitions = [*sorted(subaccounts | client.subaccount_numbers())]
-        counts = Counts()
-        for subaccount in partitions:
-            sink = listing_sink(stream, subaccount=subaccount)
-            of = "" if subaccount is None else f" of subaccount {subaccount}"
-            counts += engine.pull(
-                run,
-                sink,
-                client.iter_pages(
-                    stream.path, stream.items_key, min_ts=min_ts, subaccount=subaccount
-                ),
-                checkpoint=None,
-                label=f"{stream.noun}{of}",
-            )
-            counts += _historical(
-                run, client, stream, sink, since=since, min_ts=min_ts, subaccount=subaccount
-            )
+        partitions = _partitions(client, stream, subaccounts)
+        counts = _read(run, client, stream, partitions, since=since, min_ts=min_ts)
         engine.write_parsed(
             run, listing_sink(stream), [], [], checkpoint=Checkpoint(watermark=watermark)
         )
     return SyncResult(run_id=run.run_id, counts=counts, watermark=watermark)
 
 
-def _historical(
+def backfill_listing(
+    db: Engine,
+    client: KalshiClient,
+    stream: Listing,
+    *,
+    account: str,
+    since: datetime,
+    until: datetime,
+    window: timedelta = timedelta(days=1),
+    concurrency: int = 4,
+    lock_wait: float = 30.0,
+    on_progress: ProgressCallback | None = None,
+    clock: Clock = utcnow,
+    stop: threading.Event | None = None,
+) -> SyncResult:
+    """Load every record of ``stream`` with a time in [since, until), both tiers, in windows
+    (:mod:`etl.sync.backfill`), under the stream's lock. The stream's watermark is left alone.
+
+    Raises:
+        LockBusyError: another run of this account's ``stream`` holds the lock.
+        ApiError: a window failed after retries; completed windows stay done.
+    """
+    with recorded_run(
+        db, account, stream.name, "backfill", lock_wait=lock_wait, clock=clock, stop=stop
+    ) as run:
+        with connection(db) as conn:
+            spans = backfill_coverage(conn, account, stream.name)
+            subaccounts = known_subaccounts(conn, account) if stream.per_subaccount else set()
+        partitions = _partitions(client, stream, subaccounts)
+
+        def read(win: Window, counted: Callable[[int], None]) -> Counts:
+            lo, hi = win.bounds
+            counts = _read(
+                run,
+                client,
+                stream,
+                partitions,
+                since=None,
+                min_ts=lo,
+                max_ts=hi,
+                label=f" {win.start:%Y-%m-%d %H:%M}",
+                on_page=counted,
+            )
+            engine.write_parsed(
+                run, listing_sink(stream), [], [], checkpoint=Checkpoint(window=(lo, hi))
+            )
+            return counts
+
+        total = run_windows(
+            run,
+            plan_windows(since, until, window),
+            spans,
+            read,
+            concurrency=concurrency,
+            on_progress=on_progress,
+        )
+    return SyncResult(run_id=run.run_id, counts=total, watermark=None)
+
+
+def _partitions(client: KalshiClient, stream: Listing, subaccounts: set[int]) -> list[int | None]:
+    """The listings a run of ``stream`` reads: the whole listing, or one per subaccount."""
+    if stream.per_subaccount:
+        return [*sorted(subaccounts | client.subaccount_numbers())]
+    return [None]
+
+
+def _read(
     run: Run,
     client: KalshiClient,
     stream: Listing,
-    sink: Sink[Any],
+    partitions: Sequence[int | None],
     *,
     since: datetime | None,
     min_ts: int | None,
-    subaccount: int | None,
+    max_ts: int | None = None,
+    label: str = "",
+    on_page: PageCallback | None = None,
 ) -> Counts:
-    """The historical tier of ``stream``, where it has one and the span asked for reaches
-    behind the cutoff (every time on a first run)."""
+    """Each partition's live listing, then its historical tier where the span reaches it."""
+    counts = Counts()
+    for subaccount in partitions:
+        sink = listing_sink(stream, subaccount=subaccount)
+        of = "" if subaccount is None else f" of subaccount {subaccount}"
+        filters = {"min_ts": min_ts, "max_ts": max_ts, "subaccount": subaccount}
+        counts += engine.pull(
+            run,
+            sink,
+            client.iter_pages(stream.path, stream.items_key, **filters),
+            checkpoint=None,
+            label=f"{stream.noun}{of}{label}",
+            on_page=on_page,
+        )
+        if _reaches_history(client, stream, since=since):
+            assert stream.historical_path is not None
+            counts += engine.pull(
+                run,
+                sink,
+                client.iter_pages(stream.historical_path, stream.items_key, **filters),
+                checkpoint=None,
+                label=f"historical {stream.noun}{of}{label}",
+                on_page=on_page,
+            )
+    return counts
+
+
+def _reaches_history(client: KalshiClient, stream: Listing, *, since: datetime | None) -> bool:
+    """Whether a read from ``since`` (the beginning, when ``None``) needs ``stream``'s
+    historical tier: it has one, and the span reaches behind the cutoff."""
     if stream.historical_path is None:
-        return Counts()
+        return False
     cutoff = client.historical_cutoff()
     if cutoff is None:
-        return Counts()
+        return False
     hidden_before = cutoff.of(stream.cutoff_field) if stream.cutoff_field else None
-    if since is not None and hidden_before is not None and since >= hidden_before:
-        return Counts()  # everything since the watermark is still live
-    return engine.pull(
-        run,
-        sink,
-        client.iter_pages(
-            stream.historical_path, stream.items_key, min_ts=min_ts, subaccount=subaccount
-        ),
-        checkpoint=None,
-        label=f"historical {stream.noun}",
-    )
+    return since is None or hidden_before is None or since < hidden_before

@@ -39,9 +39,8 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
@@ -69,6 +68,7 @@ from etl.errors import ApiError, ApiProtocolError, ApiStatusError
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
 from etl.sync import engine
+from etl.sync.backfill import ProgressCallback, Window, plan_windows, run_windows
 from etl.sync.engine import Checkpoint, PageCallback, Sink, Write
 from etl.sync.run import Clock, Run, recorded_run, utcnow
 
@@ -454,75 +454,6 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
     return counts, as_of
 
 
-@dataclass(frozen=True)
-class Window:
-    """A half-open time range [start, end) of a backfill, fetched as one unit."""
-
-    start: datetime
-    end: datetime
-
-    @property
-    def bounds(self) -> tuple[int, int]:
-        """[start, end) in Unix seconds: the key the window is checkpointed by."""
-        return _seconds(self.start), math.ceil(self.end.timestamp())
-
-
-def plan_windows(since: datetime, until: datetime, size: timedelta) -> list[Window]:
-    """Cut [since, until) into windows of ``size`` (the last one shorter), newest first.
-
-    The cuts fall at ``since + k·size`` whatever ``until`` is, so a rerun with a later
-    ``until`` (the default, now) plans the same windows and skips the ones done.
-    """
-    if size <= timedelta(0):
-        raise ValueError("window size must be positive")
-    windows = []
-    start = since
-    while start < until:
-        end = min(start + size, until)
-        windows.append(Window(start, end))
-        start = end
-    return windows[::-1]
-
-
-def uncovered(win: Window, spans: Sequence[tuple[int, int]]) -> list[Window]:
-    """The parts of ``win`` that no span of the merged, sorted ``spans`` covers.
-
-    The newest window of an interrupted backfill ended at that run's "now"; a rerun's newest
-    window starts at the same cut but ends later, so only its tail is left to fetch.
-    """
-    lo, hi = win.bounds
-    pieces: list[Window] = []
-    cursor = lo
-    for a, b in spans:
-        if b <= cursor or a >= hi:
-            continue
-        if a > cursor:
-            pieces.append(_piece(win, cursor, a))
-        cursor = max(cursor, b)
-    if cursor < hi:
-        pieces.append(_piece(win, cursor, hi))
-    return pieces
-
-
-def _piece(win: Window, lo: int, hi: int) -> Window:
-    return Window(
-        max(win.start, datetime.fromtimestamp(lo, UTC)),
-        min(win.end, datetime.fromtimestamp(hi, UTC)),
-    )
-
-
-@dataclass(frozen=True)
-class BackfillProgress:
-    """Where a backfill stands, for a progress display."""
-
-    windows_done: int
-    windows_total: int
-    orders: int
-
-
-ProgressCallback = Callable[[BackfillProgress], None]
-
-
 def backfill_orders(
     engine: Engine,
     client: KalshiClient,
@@ -537,102 +468,53 @@ def backfill_orders(
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
 ) -> SyncResult:
-    """Load every order with a timestamp in [since, until), live and historical tiers.
-
-    The range is cut into windows fetched ``concurrency`` at a time; a window is recorded as
-    done (by its own bounds) once read to its end, so a rerun, whatever its ``until``, skips
-    the windows already done. It holds the account's orders lock: a sync of the same account
-    waits (or, in the daemon, skips its turn) rather than writing at the same time.
-    ``on_progress`` is called after each page and each window.
+    """Load every order with a timestamp in [since, until), live and historical tiers, in
+    windows (:mod:`etl.sync.backfill`). It holds the account's orders lock: a sync of the same
+    account waits (or, in the daemon, skips its turn) rather than writing at the same time.
 
     Raises:
         LockBusyError: another run of this account's orders holds the lock.
         ApiError: a window failed after retries; completed windows stay done.
     """
-    plan = plan_windows(since, until, window)
     with recorded_run(
         engine, account, STREAM, "backfill", lock_wait=lock_wait, clock=clock, stop=stop
     ) as run:
         with connection(engine) as conn:
-            spans = backfill_coverage(conn, account)
+            spans = backfill_coverage(conn, account, STREAM)
             # A new account's backfill skips the merge, as its first sync does.
             new = None if spans or has_orders(conn, account) else NewAccount()
-        left = [uncovered(w, spans) for w in plan]
-        done = sum(1 for pieces in left if not pieces)
-        partly = sum(1 for w, pieces in zip(plan, left, strict=True) if pieces != [w])
-        if partly:
-            log.info(
-                "backfill resumes: %d of %d windows already done, %d partly",
-                done,
-                len(plan),
-                partly - done,
-            )
-        todo = [piece for pieces in left for piece in pieces]
-        total = _backfill(run, client, done, todo, concurrency, on_progress, new)
-    return SyncResult(run_id=run.run_id, counts=total, watermark=None)
+        has_history = client.historical_cutoff() is not None
+        subaccounts = _stored_subaccounts(run)
 
-
-def _backfill(
-    run: Run,
-    client: KalshiClient,
-    done: int,
-    todo: Sequence[Window],
-    concurrency: int,
-    on_progress: ProgressCallback | None,
-    new: NewAccount | None,
-) -> Counts:
-    has_history = client.historical_cutoff() is not None
-    subaccounts = _stored_subaccounts(run)
-    lock = threading.Lock()
-    state = {"done": done, "orders": 0}
-
-    def report() -> None:
-        if on_progress is not None:
-            on_progress(BackfillProgress(state["done"], done + len(todo), state["orders"]))
-
-    def counted(fetched: int) -> None:
-        with lock:
-            state["orders"] += fetched
-        report()
-
-    def run_window(win: Window) -> Counts:
-        run.check_stop("stopped before every window was fetched")
-        lo, hi = win.bounds
-        label = f"{win.start:%Y-%m-%d %H:%M}"
-        counts = pull(
-            run,
-            client.iter_order_pages(min_ts=lo, max_ts=hi),
-            checkpoint=None,
-            label=f"orders {label}",
-            on_page=counted,
-            new=new,
-        ).counts
-        if has_history:
-            counts += pull(
+        def read(win: Window, counted: Callable[[int], None]) -> Counts:
+            lo, hi = win.bounds
+            label = f"{win.start:%Y-%m-%d %H:%M}"
+            counts = pull(
                 run,
-                historical_pages(client, subaccounts, min_ts=lo, max_ts=hi),
+                client.iter_order_pages(min_ts=lo, max_ts=hi),
                 checkpoint=None,
-                label=f"historical orders {label}",
+                label=f"orders {label}",
                 on_page=counted,
                 new=new,
             ).counts
-        write_page(run, [], checkpoint=Checkpoint(window=(lo, hi)))
-        with lock:
-            state["done"] += 1
-        report()
-        return counts
+            if has_history:
+                counts += pull(
+                    run,
+                    historical_pages(client, subaccounts, min_ts=lo, max_ts=hi),
+                    checkpoint=None,
+                    label=f"historical orders {label}",
+                    on_page=counted,
+                    new=new,
+                ).counts
+            write_page(run, [], checkpoint=Checkpoint(window=(lo, hi)))
+            return counts
 
-    total = Counts()
-    report()
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        pending: set[Future[Counts]] = {pool.submit(run_window, w) for w in todo}
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    total += future.result()
-        except BaseException:
-            for other in pending:
-                other.cancel()
-            raise
-    return total
+        total = run_windows(
+            run,
+            plan_windows(since, until, window),
+            spans,
+            read,
+            concurrency=concurrency,
+            on_progress=on_progress,
+        )
+    return SyncResult(run_id=run.run_id, counts=total, watermark=None)

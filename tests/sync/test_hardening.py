@@ -20,7 +20,8 @@ from etl.errors import ApiError, DatabaseError, LockBusyError, LockLostError
 from etl.kalshi.parse import Order, parse_order
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
-from etl.sync.orders import BackfillProgress, backfill_orders, sync_orders
+from etl.sync.backfill import BackfillProgress
+from etl.sync.orders import backfill_orders, sync_orders
 from etl.sync.queue import poll_queue_positions
 from etl.sync.run import UNRECORDED, recorded_run
 from tests.fix_exchange import NOW, make_client, rewriting, wait_until
@@ -368,7 +369,7 @@ def test_a_backfill_rerun_reads_only_the_tail_of_a_window_cut_short_by_the_first
     since = exchange.now - timedelta(days=70)  # the whole history: one 100-day window,
     window = timedelta(days=100)  # cut short at "now"
     backfill_orders(db, client, account=ACCOUNT, since=since, until=exchange.now, window=window)
-    with caplog.at_level(logging.INFO, logger="etl.sync.orders"):
+    with caplog.at_level(logging.INFO, logger="etl.sync.backfill"):
         again, fresh = _rerun_after_new_orders(db, client, exchange, since, window, 3)
     assert again.counts.fetched == len(fresh)
     assert "backfill resumes: 0 of 1 windows already done, 1 partly" in caplog.text
@@ -381,4 +382,4 @@ def test_backfill_progress_is_reported_per_page_before_the_end(db, client, excha
     total = events[-1].windows_total
     assert events[-1].windows_done == total
     assert any(0 < e.windows_done < total for e in events)  # not 0/N until the very end
-    assert len(events) > total and events[-1].orders == len(exchange.truth())
+    assert len(events) > total and events[-1].records == len(exchange.truth())

@@ -6,19 +6,21 @@ fetched."""
 
 from __future__ import annotations
 
+import subprocess
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from etl.simulator import Exchange
 from etl.streams.fills import FILLS
 from etl.streams.settlements import SETTLEMENTS
-from etl.sync.listing import sync_listing
-from etl.sync.orders import sync_orders
-from tests.fix_exchange import make_client, rewriting
+from etl.sync.listing import backfill_listing, sync_listing
+from etl.sync.orders import SyncResult, sync_orders
+from tests.fix_exchange import CLI, make_client, rewriting, spawn, wait_until
 from tests.sync.helpers import ACCOUNT, count, runs
 
 
@@ -75,6 +77,57 @@ def test_new_fills_are_read_incrementally_while_the_exchange_trades(db, client, 
         sync_listing(db, client, FILLS, account=ACCOUNT)
     assert stored_fills(db) == fills_truth(exchange)
     assert all(run.status == "succeeded" for run in runs(db))
+
+
+def test_a_fills_backfill_in_windows_equals_the_truth_and_a_rerun_reads_nothing(
+    db, client, exchange
+):
+    cutoff = exchange.cutoff()
+    truth = fills_truth(exchange)
+    oldest = min(f.created for f in exchange.ledger.fills())
+    assert cutoff is not None and oldest < cutoff  # some are only in the historical tier
+    since = oldest - timedelta(days=1)
+
+    def backfill() -> SyncResult:
+        return backfill_listing(
+            db, client, FILLS, account=ACCOUNT, since=since, until=exchange.now,
+            window=timedelta(days=7), concurrency=3,
+        )  # fmt: skip
+
+    first = backfill()
+    assert stored_fills(db) == truth
+    assert first.counts.inserted == len(truth)
+    again = backfill()
+    assert again.counts.fetched == 0  # every window is done
+    done = [(r.stream, r.mode, r.status) for r in runs(db)]
+    assert done == [("fills", "backfill", "succeeded")] * 2
+    with db.connect() as conn:
+        states = dict(conn.execute(sa.text("SELECT stream, watermark FROM sync_state")).all())
+    assert set(states) == {"fills:backfill"}  # the incremental watermark is left alone
+
+
+@pytest.mark.slow
+def test_a_fills_sync_killed_mid_pull_converges_on_rerun_without_duplicates(
+    db, live_simulator, exchange
+):
+    live_simulator.app.faults.latency = 0.03
+    env = {**live_simulator.env, "KALSHI_PAGE_SIZE": "10"}
+    proc = spawn(["sync", "--streams", "fills"], env)
+    wait_until(lambda: count(db, "SELECT count(*) FROM fills") >= 30)
+    proc.kill()  # SIGKILL: no cleanup of any kind
+    proc.communicate()
+    truth = fills_truth(exchange)
+    assert 0 < count(db, "SELECT count(*) FROM fills") < len(truth)
+    live_simulator.app.faults.latency = 0
+    rerun = subprocess.run(
+        [*CLI, "sync", "--streams", "fills"], env=env, capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert stored_fills(db) == truth
+    assert count(db, "SELECT count(*) FROM fills") == len(truth)
+    first, second = runs(db)
+    assert first.status == "failed" and first.error.startswith("interrupted")
+    assert second.status == "succeeded"
 
 
 def test_the_fills_of_an_order_add_up_to_its_fill_count_and_fees(db, client, exchange):
