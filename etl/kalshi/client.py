@@ -45,6 +45,8 @@ QUEUE_TICKERS_PER_CALL = 50
 # gets for the rest of the process.
 AUTO_PAGE_SIZE = 1000
 FALLBACK_PAGE_SIZE = 200
+# Listings whose ``limit`` is capped below the others' 1000 (KALSHI.md): asked at most this.
+MAX_PAGE_SIZE = {"portfolio/deposits": 500, "portfolio/withdrawals": 500}
 PageSize = int | Literal["auto"]
 _RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # Answers that mean "this server does not have that endpoint", never worth a retry.
@@ -308,8 +310,9 @@ class KalshiClient:
         auth: signs requests; ``None`` only for unauthenticated endpoints in tests.
         transport: an httpx transport (the simulator's, a mock); default is the network.
         tokens_per_second: client-side read budget (0 = unlimited).
-        page_size: ``limit`` sent with list calls; ``"auto"`` sends 1000 until the server
-            refuses it with a 400, then 200 for the life of the client.
+        page_size: ``limit`` sent with list calls (never more than an endpoint's own cap,
+            :data:`MAX_PAGE_SIZE`); ``"auto"`` sends 1000 until the server refuses it with a
+            400, then 200 to that endpoint for the life of the client (the others keep 1000).
         retry: the retry policy.
         timeout: seconds per socket operation (connect, each read).
         deadline: seconds for a whole request, body included.
@@ -341,6 +344,7 @@ class KalshiClient:
         self.auto_page_size = page_size == "auto"
         self._unserved: set[str] = set()  # listing paths this server does not serve
         self.page_size: int = AUTO_PAGE_SIZE if page_size == "auto" else page_size
+        self._page_sizes: dict[str, int] = {}  # path → the size it fell back to
         self.deadline = deadline
         self.max_response_bytes = max_response_bytes
         self._cancel = cancel
@@ -578,11 +582,16 @@ class KalshiClient:
             raise ApiProtocolError(f"GET /{path}: expected a JSON object", body=json.dumps(body))
         return body
 
+    def page_size_of(self, path: str) -> int:
+        """The ``limit`` a listing of ``path`` asks for."""
+        size = self._page_sizes.get(path, self.page_size)
+        return min(size, MAX_PAGE_SIZE.get(path, size))
+
     def _paginate(self, path: str, filters: dict[str, Any], *, items_key: str) -> Iterator[Page]:
         seen: set[str] = set()
         cursor: str | None = None
         while True:
-            limit = self.page_size
+            limit = self.page_size_of(path)
             params = {**filters, "limit": limit}
             if cursor:
                 params["cursor"] = cursor
@@ -592,12 +601,13 @@ class KalshiClient:
                 if not (exc.status == 400 and self.auto_page_size and limit > FALLBACK_PAGE_SIZE):
                     raise
                 log.warning(
-                    "the API refused limit=%d (%s); using limit=%d from now on",
+                    "the API refused limit=%d for GET /%s (%s); using limit=%d there from now on",
                     limit,
+                    path,
                     exc.api_message or exc.code or "400",
                     FALLBACK_PAGE_SIZE,
                 )
-                self.page_size = FALLBACK_PAGE_SIZE
+                self._page_sizes[path] = FALLBACK_PAGE_SIZE
                 continue
             body, by_orjson = _decode_body(answer, path)
             if not isinstance(body, dict) or (

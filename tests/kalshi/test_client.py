@@ -140,7 +140,9 @@ def test_auto_page_size_asks_1000_where_the_server_accepts_it(app, private_key, 
     assert set(limits_asked(app)) == {"1000"}
 
 
-def test_auto_page_size_falls_back_to_200_after_a_400_and_remembers(private_key):
+def test_auto_page_size_falls_back_to_200_after_a_400_and_remembers_for_that_endpoint(
+    private_key,
+):
     exchange = Exchange(seed=3, orders=450, api="2025", now=NOW, events_per_second=0)
     app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
     client = make_client(app, private_key, page_size="auto")
@@ -149,7 +151,18 @@ def test_auto_page_size_falls_back_to_200_after_a_400_and_remembers(private_key)
     assert limits_asked(app) == ["1000", "200", "200", "200"]
     list(client.iter_order_pages(status="resting"))  # a later listing starts at 200
     assert limits_asked(app)[4:] and set(limits_asked(app)[4:]) == {"200"}
-    assert client.page_size == 200
+    assert client.page_size_of("portfolio/orders") == 200
+    # Another endpoint asks 1000 until it refuses it itself (CONTRACT.md: per endpoint).
+    list(client.iter_pages("portfolio/fills", "fills"))
+    fills = [parse_qs(q)["limit"][0] for path, q in app.requests if path.endswith("/fills")]
+    assert fills[0] == "1000"
+
+
+def test_deposits_and_withdrawals_ask_at_most_500(private_key, app):
+    client = make_client(app, private_key, page_size="auto")
+    assert client.page_size_of("portfolio/deposits") == 500
+    assert client.page_size_of("portfolio/withdrawals") == 500
+    assert client.page_size_of("portfolio/fills") == 1000
 
 
 def test_a_fixed_page_size_the_server_refuses_is_not_lowered(private_key):
