@@ -424,6 +424,18 @@ def test_verify_exits_0_when_equal_1_with_the_differences_listed_and_repairs(
     assert "repaired: inserted 1, updated 0" in repaired.stdout
     assert_table_equals_truth(db, first.exchange, first.name)
 
+    # Per stream: a fill lost makes `verify` of fills exit 1, the other streams stay equal.
+    with db.begin() as conn:
+        fill = conn.exec_driver_sql(
+            "SELECT min(fill_id) FROM fills WHERE account = %s", (first.name,)
+        ).scalar_one()
+        conn.exec_driver_sql("DELETE FROM fills WHERE fill_id = %s", (fill,))
+    env, on = two_accounts.env, ["--account", first.name, "--streams"]
+    fills = run(["verify", *on, "fills"], env, tmp_path)
+    assert fills.returncode == 1 and fill in fills.stdout, fills.stdout + fills.stderr
+    others = run(["verify", *on, "orders,settlements"], env, tmp_path)
+    assert others.returncode == 0, others.stdout + others.stderr
+
 
 def test_the_commands_that_pull_are_commands():
     """They hand the GIL over more often (etl.sync.orders.SWITCH_INTERVAL): a renamed command
