@@ -91,6 +91,9 @@ def _guarded(name: str, job: Job, stop: threading.Event, running: _Running) -> C
     return run
 
 
+FIRST_SPREAD = 2.0  # seconds: the most a job's first run is shifted by
+
+
 def run_daemon(
     jobs: dict[str, tuple[Job, timedelta]],
     *,
@@ -101,12 +104,15 @@ def run_daemon(
     on_tick: Callable[[], None] | None = None,
     spread: float = 0.1,
     ticks: int = 1,
+    max_tick: float | None = None,
 ) -> int:
     """Run ``jobs`` (name → (job, interval)) until ``stop`` is set or a signal arrives.
     ``on_tick`` is called every half second while the scheduler runs (a liveness beat);
     ``spread`` is the fraction of each tick its runs are shifted by at random; ``ticks`` is
     how many times per interval a job is tried (jobs that check a shared record of their last
-    start, so that replicas share them, are tried more often than they run).
+    start, so that replicas share them, are tried more often than they run); ``max_tick``
+    caps the seconds between two tries (a job that failed is then retried that soon, whatever
+    its interval, where the job's own check allows it).
 
     Returns:
         0 once every running job has ended (or, after ``grace`` seconds, been left behind).
@@ -133,13 +139,17 @@ def run_daemon(
     now = datetime.now(UTC)
     for name, (job, every) in jobs.items():
         tick = every.total_seconds() / ticks
+        if max_tick is not None:
+            tick = min(tick, max_tick)
         shift = tick * spread
         scheduler.add_job(
             _guarded(name, job, stop, running),
             "interval",
             seconds=tick,
             jitter=shift or None,
-            next_run_time=now + timedelta(seconds=random.uniform(0, shift)),
+            # The first run soon whatever the interval (readiness waits for it), still shifted
+            # a little so that replicas started together do not race for the lock.
+            next_run_time=now + timedelta(seconds=random.uniform(0, min(shift, FIRST_SPREAD))),
             id=name,
             name=name,
         )

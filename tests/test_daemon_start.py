@@ -105,7 +105,8 @@ def test_the_daemon_waits_for_an_api_that_cannot_be_reached_yet(
 
     env = daemon_env(Later(), private_key, key_file, database_url, tmp_path, metrics_port)
     every = ["--orders-every", "1s", "--queue-every", "1s", "--fills-every", "1s"]
-    proc = spawn(["daemon", *every, "--settlements-every", "1s"], env)
+    every += ["--settlements-every", "1s", "--positions-every", "1s", "--balance-every", "1s"]
+    proc = spawn(["daemon", *every, "--cash-every", "1s"], env)
     url = f"http://127.0.0.1:{metrics_port}"
     server = None
     try:

@@ -49,7 +49,7 @@ def test_debug_logs_of_a_realtime_daemon_never_carry_a_signature(
         proc.kill()
         server.shutdown()
         server.server_close()
-    assert "user_orders+fill stream subscribed" in stderr
+    assert "user_orders+fill+market_positions stream subscribed" in stderr
     assert "DEBUG" in stderr  # the debug level was on
     assert not _SIGNATURE_VALUE.search(stderr), _SIGNATURE_VALUE.search(stderr)
     assert "-----BEGIN" not in stderr

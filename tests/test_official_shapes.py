@@ -101,3 +101,37 @@ def test_settlement_pages_and_subaccount_balances_are_valid_sdk_responses(sdk_cl
     balances = client._get_json("portfolio/subaccounts/balances")  # noqa: SLF001
     parsed = models.GetSubaccountBalancesResponse.from_dict(balances).subaccount_balances
     assert {b.subaccount_number for b in parsed} == {0, 1}
+
+
+def test_positions_balances_and_cash_movements_are_valid_sdk_responses(sdk_client):
+    exchange, client = sdk_client
+    exchange.settle_market(exchange.tickers[0], "scalar", 50)
+    exchange.archive_event(exchange.tickers[1].rsplit("-", 1)[0])
+    positions = [
+        position
+        for path in ("portfolio/positions", "historical/positions")
+        for subaccount in (0, 1)
+        for body in _pages(client, path, subaccount=subaccount, settlement_status="all")
+        for position in models.GetPositionsResponse.from_dict(body).market_positions
+    ]
+    assert len(positions) == len(exchange.money.books().positions) > 0
+    for subaccount in (0, 1):
+        body = client._get_json("portfolio/balance", params={"subaccount": subaccount})  # noqa: SLF001
+        assert models.GetBalanceResponse.from_dict(body).balance_dollars
+    deposits = [
+        d
+        for body in _pages(client, "portfolio/deposits")
+        for d in models.GetDepositsResponse.from_dict(body).deposits
+    ]
+    withdrawals = [
+        w
+        for body in _pages(client, "portfolio/withdrawals")
+        for w in models.GetWithdrawalsResponse.from_dict(body).withdrawals
+    ]
+    transfers = [
+        t
+        for body in _pages(client, "portfolio/subaccounts/transfers")
+        for t in models.GetSubaccountTransfersResponse.from_dict(body).transfers
+    ]
+    assert len(deposits) + len(withdrawals) + len(transfers) == len(exchange.money.cash)
+    assert {d.status for d in deposits} == {"applied", "pending"}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from etl.streams.fills import FILLS
-from etl.streams.settlements import SETTLEMENTS
+from etl.streams.registry import LISTINGS
 from etl.sync.listing import sync_listing
 from etl.sync.orders import sync_orders
 from etl.sync.queue import poll_queue_positions
@@ -29,12 +29,18 @@ def test_the_readmes_queries_run_and_answer(db, client, exchange):
     sync_orders(db, client, account=ACCOUNT)
     poll_queue_positions(db, client, account=ACCOUNT)
     exchange.settle_market(exchange.tickers[0], "yes")
-    sync_listing(db, client, FILLS, account=ACCOUNT)
-    sync_listing(db, client, SETTLEMENTS, account=ACCOUNT)
+    for stream in LISTINGS.values():
+        sync_listing(db, client, stream, account=ACCOUNT)
     order_id = exchange.resting_ids()[0]
+    market = next(p for p in exchange.money.positions(archived=False) if p.position).ticker
     statements = readme_statements()
     assert len(statements) >= 7
     with db.connect() as conn:
         for statement in statements:
-            rows = conn.execute(sa.text(statement.replace("<order id>", order_id))).all()
+            filled = (
+                statement.replace("<order id>", order_id)
+                .replace("<market>", market)
+                .replace("<t>", datetime.now(UTC).isoformat())
+            )
+            rows = conn.execute(sa.text(filled)).all()
             assert rows or "rejected_records" in statement, statement  # nothing rejected here

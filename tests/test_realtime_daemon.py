@@ -73,7 +73,7 @@ def test_a_realtime_daemon_keeps_orders_within_a_second_of_a_trading_exchange(
         _, stderr = proc.communicate(timeout=15)
         assert proc.returncode == 0, stderr
         assert "Traceback" not in stderr
-        assert "user_orders+fill stream subscribed" in stderr
+        assert "user_orders+fill+market_positions stream subscribed" in stderr
     finally:
         proc.kill()
         server.shutdown()

@@ -42,6 +42,25 @@ def test_jobs_run_on_their_intervals_and_a_failing_job_does_not_stop_the_daemon(
     assert calls["fast"] >= 3 and calls["failing"] >= 3 and calls["busy"] >= 3
 
 
+def test_a_long_interval_job_runs_first_at_once_and_is_tried_at_most_max_tick_apart():
+    stop = threading.Event()
+    calls: list[float] = []
+
+    def hourly(_stop: threading.Event) -> None:
+        calls.append(1)
+
+    threading.Timer(1.2, stop.set).start()
+    run_daemon(
+        {"hourly": (hourly, timedelta(hours=1))},
+        stop=stop,
+        install_signals=False,
+        ticks=4,
+        max_tick=0.25,
+    )
+    # The first try within FIRST_SPREAD (not a tenth of a 15-minute tick), then every 0.25 s.
+    assert len(calls) >= 3
+
+
 def test_a_job_failure_is_one_log_line_without_a_traceback(caplog):
     stop = threading.Event()
 

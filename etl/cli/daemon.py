@@ -37,7 +37,7 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from etl.sync.orders import sync_orders
     from etl.sync.queue import poll_queue_positions
     from etl.sync.realtime import RealtimeAccount
-    from etl.sync.run import is_due
+    from etl.sync.run import RETRY_FAILED, is_due
 
     stop = threading.Event()
     accounts = chosen_accounts(settings)
@@ -54,6 +54,9 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         "queue_positions": args.queue_every,
         "fills": args.fills_every,
         "settlements": args.settlements_every,
+        "positions": args.positions_every,
+        "balance": args.balance_every,
+        "cash": args.cash_every,
     }
     intervals = {
         stream: rest_every if stream == "orders" else every[stream]
@@ -179,7 +182,13 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
             for stream in streams.values():
                 stream.start()
             code = run_daemon(
-                jobs, stop=stop, on_stuck=exit_now, on_tick=liveness.beat, ticks=TICKS
+                jobs,
+                stop=stop,
+                on_stuck=exit_now,
+                on_tick=liveness.beat,
+                ticks=TICKS,
+                # A failed run is due again after RETRY_FAILED (is_due): try that often.
+                max_tick=RETRY_FAILED.total_seconds() / 2,
             )
             for stream in streams.values():
                 if not stream.join(timeout=5.0):
@@ -209,6 +218,21 @@ def register(commands: Commands) -> None:
         type=duration,
         default="10m",
         help="settlements interval (default 10m; they vanish from the API when archived)",
+    )
+    p.add_argument(
+        "--positions-every",
+        type=duration,
+        default="1m",
+        help="positions snapshot interval (default 1m)",
+    )
+    p.add_argument(
+        "--balance-every", type=duration, default="1m", help="balance interval (default 1m)"
+    )
+    p.add_argument(
+        "--cash-every",
+        type=duration,
+        default="1h",
+        help="deposits, withdrawals and transfers interval (default 1h)",
     )
     p.add_argument(
         "--queue-every",

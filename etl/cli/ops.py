@@ -30,8 +30,12 @@ from etl.db.engine import (
     transaction,
 )
 from etl.db.models import (
+    archived_positions,
+    balance_snapshots,
+    cash_movements,
     fills,
     orders,
+    position_snapshots,
     queue_position_snapshots,
     rejected_records,
     settlements,
@@ -215,6 +219,10 @@ def status_lines(engine: Engine, account: str | None = None) -> list[str]:
             queue_position_snapshots,
             fills,
             settlements,
+            position_snapshots,
+            archived_positions,
+            balance_snapshots,
+            cash_movements,
             sync_runs,
             sync_state,
             rejected_records,

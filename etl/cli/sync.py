@@ -269,7 +269,8 @@ def register(commands: Commands) -> None:
     p = commands.add_for_accounts(
         "sync",
         cmd_sync,
-        "one incremental pass over every stream: orders, queue positions, fills, settlements",
+        "one incremental pass over every stream: orders, queue positions, fills, settlements, "
+        "positions, balance, cash",
     )
     commands.streams(p)
     commands.allow_simulated(p)

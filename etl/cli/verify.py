@@ -28,7 +28,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
     accounts, clients, engine = open_accounts(settings, args)
     # Every stream that has a listing to compare with (queue positions have none).
-    streams = [s for s in chosen_streams(args) if s == "orders" or s in LISTINGS]
+    streams = [
+        s for s in chosen_streams(args) if s == "orders" or (s in LISTINGS and LISTINGS[s].verified)
+    ]
     differing = 0
     for account, client in zip(accounts, clients, strict=True):
         with client:

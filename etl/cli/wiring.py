@@ -322,7 +322,7 @@ class Commands:
             default=None,
             metavar="LIST",
             help="only these streams, e.g. orders,fills (default: every stream: orders, "
-            "queue_positions, fills, settlements)",
+            "queue_positions, fills, settlements, positions, balance, cash)",
         )
 
     @staticmethod

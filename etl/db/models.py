@@ -179,6 +179,77 @@ settlements = Table(
     Index(None, "account", "settled_time"),
 )
 
+# ``position_snapshots``: a row when a market's position (per subaccount) is first seen or
+# changes, or stops being listed (``position_fp`` 0).
+position_snapshots = Table(
+    "position_snapshots",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("subaccount_number", Integer, primary_key=True),
+    Column("ticker", Text, primary_key=True),
+    Column("captured_at", Timestamp, primary_key=True),
+    _optional("position_fp", Contracts),
+    _optional("market_exposure_dollars", Dollars),
+    _optional("realized_pnl_dollars", Dollars),
+    _optional("fees_paid_dollars", Dollars),
+    _optional("total_traded_dollars", Dollars),
+    _optional("last_updated_ts", Timestamp),
+    _required("raw", JSONB),
+    Index(None, "account", "captured_at"),
+)
+
+# ``archived_positions``: the settled positions of archived events (``/historical/positions``).
+archived_positions = Table(
+    "archived_positions",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("subaccount_number", Integer, primary_key=True),
+    Column("ticker", Text, primary_key=True),
+    _optional("position_fp", Contracts),
+    _optional("market_exposure_dollars", Dollars),
+    _optional("realized_pnl_dollars", Dollars),
+    _optional("fees_paid_dollars", Dollars),
+    _optional("total_traded_dollars", Dollars),
+    _optional("last_updated_ts", Timestamp),
+    _required("raw", JSONB),
+    _required("first_synced_at", Timestamp, server_default=NOW),
+    _required("synced_at", Timestamp, server_default=NOW),
+)
+
+# ``balance_snapshots``: a row when a subaccount's balance is first seen or changes.
+balance_snapshots = Table(
+    "balance_snapshots",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("subaccount_number", Integer, primary_key=True),
+    Column("captured_at", Timestamp, primary_key=True),
+    _optional("balance_dollars", Dollars),
+    _optional("portfolio_value_dollars", Dollars),
+    _optional("updated_ts", BigInteger),
+    _required("raw", JSONB),
+)
+
+# ``cash_movements``: deposits, withdrawals and subaccount transfers; the newest version wins.
+cash_movements = Table(
+    "cash_movements",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("kind", Text, primary_key=True),
+    Column("id", Text, primary_key=True),
+    _optional("status", Text),
+    _optional("type", Text),
+    _optional("amount_dollars", Dollars),
+    _optional("fee_dollars", Dollars),
+    _optional("from_subaccount", Integer),
+    _optional("to_subaccount", Integer),
+    _optional("created_time", Timestamp),
+    _optional("finalized_time", Timestamp),
+    _required("raw", JSONB),
+    _required("first_synced_at", Timestamp, server_default=NOW),
+    _required("synced_at", Timestamp, server_default=NOW),
+    Index(None, "account", "created_time"),
+)
+
 # ``sync_state``: one watermark per (account, stream), written with the data it covers.
 sync_state = Table(
     "sync_state",

@@ -447,6 +447,24 @@ class KalshiClient:
         yield first
         yield from pages
 
+    def iter_object(self, path: str, **filters: Any) -> Iterator[Page]:
+        """An endpoint that answers one object (``portfolio/balance``) as a page of one item;
+        nothing where the server does not serve it (logged once per process, as for
+        :meth:`iter_pages`)."""
+        try:
+            body = self._get_json(path, params=_drop_none(**filters), cost=SINGLE_COST)
+        except ApiStatusError as exc:
+            if exc.status not in NOT_SERVED:
+                raise
+            self._unserved.add(path)
+            if path not in _UNSERVED:
+                _UNSERVED.add(path)
+                log.info(
+                    "GET /%s is not served by this server (%d): nothing to read", path, exc.status
+                )
+            return
+        yield Page(items=[body], cursor=None)
+
     def serves(self, path: str) -> bool:
         """False once a listing of ``path`` by this client found the server does not serve it
         (404…)."""

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 WS_PATH = "/trade-api/ws/v2"
 SUBSCRIBE_ID = 1
 # The channels this client reads, and the type of their messages.
-MESSAGE_TYPES = {"user_orders": "user_order", "fill": "fill"}
+MESSAGE_TYPES = {"user_orders": "user_order", "fill": "fill", "market_positions": "market_position"}
 
 
 def stream_url(api_base: str) -> str:

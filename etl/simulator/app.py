@@ -281,12 +281,37 @@ class SimulatorApp:
                     {
                         "subaccount_number": n,
                         "exchange_index": 0,
-                        "balance": "0.00",
+                        "balance": ex.money.balance(n)["balance_dollars"],
                         "updated_ts": int(ex.now.timestamp()),
                     }
                     for n in ex.subaccounts()
                 ]
             }
+        if route in ("/portfolio/positions", "/historical/positions"):
+            limit = _int_param(query, "limit")
+            subaccount = _int_param(query, "subaccount")
+            rows, cursor = ex.money.list_positions(
+                subaccount=0 if subaccount is None else subaccount,  # 0 unless named
+                settlement_status=query.get("settlement_status") or "unsettled",
+                archived=route.startswith("/historical"),
+                limit=100 if limit is None else limit,
+                cursor=query.get("cursor") or None,
+            )
+            return {"market_positions": rows, "event_positions": [], "cursor": cursor}
+        if route == "/portfolio/balance":
+            subaccount = _int_param(query, "subaccount")
+            return ex.money.balance(0 if subaccount is None else subaccount)
+        cash = {
+            "/portfolio/deposits": ("deposit", "deposits"),
+            "/portfolio/withdrawals": ("withdrawal", "withdrawals"),
+            "/portfolio/subaccounts/transfers": ("transfer", "transfers"),
+        }.get(route)
+        if cash is not None:
+            limit = _int_param(query, "limit")
+            rows, cursor = ex.money.list_cash(
+                cash[0], limit=100 if limit is None else limit, cursor=query.get("cursor") or None
+            )
+            return {cash[1]: rows, "cursor": cursor}
         if route == "/exchange/user_data_timestamp":
             return {"as_of_time": rfc3339(ex.user_data_timestamp())}
         parts = route.split("/")

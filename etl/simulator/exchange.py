@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from etl.simulator.errors import ApiFault
 from etl.simulator.ledger import FillQuery, Ledger, SimFill, SimSettlement
+from etl.simulator.money import Money
 
 __all__ = [
     "ApiFault",
@@ -253,6 +254,7 @@ class Exchange:
         self._resting: dict[str, None] = {}  # insertion-ordered set: deterministic choice
         self._carry = 0.0
         self.ledger = Ledger()  # the fills of the orders' executions, the settlements
+        self.money = Money(self.ledger)  # positions, balances, deposits and transfers
         self._fill_numbers = itertools.count(1)
         # Called with each order a trading event creates or changes (the WebSocket feed).
         self.listeners: list[Callable[[SimOrder], None]] = []
@@ -260,6 +262,7 @@ class Exchange:
             f"KXSIM-E{e}-M{m}" for e in range(1, self.markets // 3 + 2) for m in range(1, 4)
         ][: self.markets]
         self._seed_history()
+        self._seed_cash()
 
     # -- generation -----------------------------------------------------------------------
 
@@ -341,6 +344,29 @@ class Exchange:
                 order.malformed = self.malformed > 0 and self.rng.random() < self.malformed
             self._add(order)
         self._sorted.sort()
+
+    def _seed_cash(self) -> None:
+        """The account's money history: a first deposit before any trade, a transfer to
+        each subaccount that trades, later an applied withdrawal, a pending deposit and a
+        failed withdrawal (its own random stream: the orders' stay as they were)."""
+        rng = random.Random(self.seed * 7919 + 1)
+        start = self.now - self.history - timedelta(days=1)
+        self.money.move("deposit", 5_000_000 + rng.randint(0, 99) * 100, start, fee=0)
+        for number in self.subaccounts():
+            if number:
+                self.money.move(
+                    "transfer",
+                    rng.randint(100, 500) * 1000,
+                    start + timedelta(minutes=number),
+                    from_subaccount=0,
+                    to_subaccount=number,
+                )
+        later = self.now - self.history / 2
+        self.money.move("withdrawal", rng.randint(10, 90) * 1000, later, fee=200)
+        self.money.move(
+            "deposit", rng.randint(10, 90) * 1000, later + timedelta(hours=1), status="pending"
+        )
+        self.money.move("withdrawal", 123_456, later + timedelta(hours=2), status="failed", fee=0)
 
     def _charge(self, order: SimOrder, contracts: int, at: datetime) -> None:
         """Execute ``contracts`` of ``order`` at ``at``: its costs and fees, and the fill."""
@@ -616,7 +642,9 @@ class Exchange:
         return self.ledger.settle(ticker, event, result, value, to_ms(self.now))
 
     def archive_event(self, event_ticker: str) -> int:
-        """The event moves to the historical tier: its settlements vanish from the API."""
+        """The event moves to the historical tier: its settlements vanish from the API and
+        its positions move to ``/historical/positions``."""
+        self.money.archive(event_ticker)
         return self.ledger.archive(event_ticker)
 
     # -- truth, for tests and the demo --------------------------------------------------------

@@ -191,8 +191,10 @@ class Ledger:
         self._positions: dict[tuple[int, str], int] = {}
         # Called with each fill recorded and the position after it (the WebSocket feed).
         self.listeners: list[Callable[[SimFill, int], None]] = []
+        self.version = 0  # bumped by every change (fills, settlements), for derived state
 
     def record(self, fill: SimFill) -> None:
+        self.version += 1
         self._fills[fill.fill_id] = fill
         where = (fill.subaccount, fill.ticker)
         position = self._positions.get(where, 0) + (fill.count if fill.yes_side else -fill.count)
@@ -272,6 +274,7 @@ class Ledger:
             )
             self._settlements[(subaccount, ticker)] = row
             made.append(row)
+        self.version += 1
         return made
 
     def archive(self, event_ticker: str) -> int:

@@ -1,4 +1,5 @@
-"""The simulator's WebSocket: ``/trade-api/ws/v2`` with the ``user_orders`` and ``fill`` channels.
+"""The simulator's WebSocket: ``/trade-api/ws/v2`` with the ``user_orders``, ``fill`` and
+``market_positions`` channels.
 
 Served on the REST port: the HTTP server hands a connection whose request line asks for
 :data:`WS_PATH` to :meth:`StreamHub.serve_connection`, which speaks the protocol with the
@@ -9,8 +10,10 @@ sans-I/O core of ``websockets`` on the raw socket, so that every fault is in our
 - ``{"id", "cmd": "subscribe", "params": {"channels": [...], "market_tickers"?}}`` is
   acknowledged with one ``{"id", "type": "subscribed", "msg": {"channel", "sid"}}`` per
   channel; from then on every change the exchange makes to an order of that key's account is
-  sent as ``{"type": "user_order", "sid", "msg": {...}}`` (``user_orders``) and every fill as
-  ``{"type": "fill", "sid", "msg": {...}}`` (``fill``), as KALSHI.md, "WebSocket" says.
+  sent as ``{"type": "user_order", "sid", "msg": {...}}`` (``user_orders``), every fill as
+  ``{"type": "fill", "sid", "msg": {...}}`` (``fill``) and the position it leaves as
+  ``{"type": "market_position", "sid", "msg": {...}}`` (``market_positions``), as KALSHI.md,
+  "WebSocket" says.
 - The server pings every ``ping_interval`` seconds; the client's pings are answered.
 - Once an account has been subscribed to, a ticker plays its exchange's trading events as the
   wall clock passes (REST requests do too), so that changes are pushed as they happen.
@@ -44,6 +47,7 @@ from websockets.server import ServerProtocol
 
 from etl.kalshi.auth import KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 from etl.simulator.exchange import ApiFault, Exchange, SimOrder
+from etl.simulator.ledger import SimFill
 
 if TYPE_CHECKING:
     from etl.simulator.app import SimulatorApp
@@ -52,7 +56,7 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/trade-api/ws/v2"
 # The channels served, and the type of their messages.
-CHANNELS = {"user_orders": "user_order", "fill": "fill"}
+CHANNELS = {"user_orders": "user_order", "fill": "fill", "market_positions": "market_position"}
 TICK = 0.01  # seconds between the ticker's trading steps while someone listens
 
 
@@ -133,9 +137,7 @@ class StreamHub:
             self._watched[id(exchange)] = exchange
         exchange.listeners.append(lambda order: self._publish_order(exchange, order))
         exchange.ledger.listeners.append(
-            lambda fill, position: self._publish(
-                exchange, "fill", fill.render_fill_message(position), fill.ticker
-            )
+            lambda fill, after: self._publish_fill(exchange, fill, after)
         )
 
     def trade_continuously(self, exchange: Exchange) -> None:
@@ -147,6 +149,16 @@ class StreamHub:
     def _publish_order(self, exchange: Exchange, order: SimOrder) -> None:
         if not order.malformed:
             self._publish(exchange, "user_orders", order.render_user_order(), order.ticker)
+
+    def _publish_fill(self, exchange: Exchange, fill: SimFill, after: int) -> None:
+        self._publish(exchange, "fill", fill.render_fill_message(after), fill.ticker)
+        if self._listening(exchange, "market_positions"):  # the books cost: only when asked
+            position = exchange.money.books().positions[(fill.subaccount, fill.ticker)]
+            self._publish(exchange, "market_positions", position.render_message(), fill.ticker)
+
+    def _listening(self, exchange: Exchange, channel: str) -> bool:
+        with self._lock:
+            return any(s.exchange is exchange and channel in s.sids for s in self._sessions)
 
     def _publish(
         self, exchange: Exchange, channel: str, message: dict[str, Any], ticker: str

@@ -9,7 +9,7 @@ on the same engine through their own modules (:mod:`etl.sync.orders`, :mod:`etl.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +23,8 @@ class Listing:
     Attributes:
         name: the stream's name (``sync_state``, ``sync_runs``, ``rejected_records``, metrics).
         path: the live listing (``portfolio/fills``), under the API root.
-        items_key: the list's key in a page (``fills``).
+        items_key: the list's key in a page (``fills``); ``None``: the endpoint answers one
+            object, which is the record (``portfolio/balance``).
         parse: one item → a record with ``columns`` as attributes, or a ``Rejected``; called
             as ``parse(item, screened=...)`` (and ``subaccount=n`` when ``per_subaccount``).
         columns: the table columns a record fills (``account`` and the sync times aside).
@@ -39,11 +40,15 @@ class Listing:
             lookback (``min_ts``); otherwise every run reads the whole listing.
         forgotten: the API stops listing records that stay true (an archived settlement):
             a stored record no longer listed is kept, and ``verify`` never calls it extra.
+        filters: query parameters sent with every request (``settlement_status=all``).
+        also: listings read in the same run, after this one (the other kinds of cash
+            movements; archived positions, into their own table).
+        verified: ``verify`` compares its listing with its table.
     """
 
     name: str
     path: str
-    items_key: str
+    items_key: str | None
     parse: Callable[..., Any]
     columns: tuple[str, ...]
     rule: WriteRule
@@ -54,3 +59,11 @@ class Listing:
     per_subaccount: bool = False
     incremental: bool = True
     forgotten: bool = False
+    filters: tuple[tuple[str, str], ...] = ()
+    also: tuple[Listing, ...] = field(default=())
+    verified: bool = True
+
+    @property
+    def listings(self) -> tuple[Listing, ...]:
+        """This listing and those read with it, in order."""
+        return (self, *self.also)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from etl.db.engine import connection
 from etl.db.state import (
+    add_to_run,
     backfill_coverage,
     known_subaccounts,
     mark_window_done,
@@ -35,7 +36,7 @@ from etl.db.state import (
     write_state,
 )
 from etl.db.upsert import Counts, write_records
-from etl.db.write import write_rows
+from etl.db.write import ChangeOnly, close_unlisted, write_rows
 from etl.kalshi.client import KalshiClient
 from etl.kalshi.parse import Rejected
 from etl.streams import Listing
@@ -61,14 +62,16 @@ def rows_of(stream: Listing, account: str, records: Sequence[Any]) -> list[dict[
     return [{"account": account, **{c: getattr(r, c) for c in stream.columns}} for r in records]
 
 
-def listing_sink(stream: Listing, *, subaccount: int | None = None) -> Sink[Any]:
+def listing_sink(
+    stream: Listing, *, subaccount: int | None = None, captured_at: datetime | None = None
+) -> Sink[Any]:
     """How the engine parses and writes ``stream``'s pages (of ``subaccount``, when the
-    stream is listed per subaccount)."""
+    stream is listed per subaccount; snapshots stamped ``captured_at``, the poll's time)."""
 
     def write(
         conn: Connection, run: Run, good: Sequence[Any], one_by_one: bool
     ) -> tuple[Counts, list[Rejected]]:
-        synced_at = utcnow()
+        synced_at = captured_at or utcnow()
         return write_records(
             conn,
             good,
@@ -124,7 +127,7 @@ def sync_listing(
             since = state.watermark - lookback
         min_ts = None if since is None else int(since.timestamp())
         partitions = _partitions(client, stream, subaccounts)
-        counts = _read(run, client, stream, partitions, since=since, min_ts=min_ts)
+        counts = _read(run, client, stream, partitions, since=since, min_ts=min_ts, captured_at=now)
         engine.write_parsed(
             run, listing_sink(stream), [], [], checkpoint=Checkpoint(watermark=watermark)
         )
@@ -208,31 +211,85 @@ def _read(
     max_ts: int | None = None,
     label: str = "",
     on_page: PageCallback | None = None,
+    captured_at: datetime | None = None,
 ) -> Counts:
-    """Each partition's live listing, then its historical tier where the span reaches it."""
+    """For each partition, each of the stream's listings (its live listing, then its
+    historical tier where the span reaches it); a snapshot series no longer listed in a
+    complete listing is closed."""
     counts = Counts()
     for subaccount in partitions:
-        sink = listing_sink(stream, subaccount=subaccount)
-        of = "" if subaccount is None else f" of subaccount {subaccount}"
-        filters = {"min_ts": min_ts, "max_ts": max_ts, "subaccount": subaccount}
+        for listing in stream.listings:
+            counts += _read_listing(
+                run,
+                client,
+                listing,
+                subaccount,
+                since=since,
+                filters={"min_ts": min_ts, "max_ts": max_ts, "subaccount": subaccount},
+                label=label,
+                on_page=on_page,
+                captured_at=captured_at,
+            )
+    return counts
+
+
+def _read_listing(
+    run: Run,
+    client: KalshiClient,
+    listing: Listing,
+    subaccount: int | None,
+    *,
+    since: datetime | None,
+    filters: dict[str, Any],
+    label: str,
+    on_page: PageCallback | None,
+    captured_at: datetime | None,
+) -> Counts:
+    sink = listing_sink(listing, subaccount=subaccount, captured_at=captured_at)
+    of = "" if subaccount is None else f" of subaccount {subaccount}"
+    sent = {**filters, **dict(listing.filters)}
+    rule = listing.rule
+    listed: list[tuple[Any, ...]] = []
+    closing = isinstance(rule, ChangeOnly) and rule.closed is not None
+    free = [c for c in rule.key if c not in ("account", "subaccount_number", "captured_at")]
+
+    def seen(records: list[Any]) -> None:
+        listed.extend(tuple(getattr(r, c) for c in free) for r in records)
+
+    if listing.items_key is None:
+        pages = client.iter_object(listing.path, subaccount=subaccount)
+    else:
+        pages = client.iter_pages(listing.path, listing.items_key, **sent)
+    counts = engine.pull(
+        run,
+        sink,
+        pages,
+        checkpoint=None,
+        label=f"{listing.noun}{of}{label}",
+        on_page=on_page,
+        on_records=seen if closing else None,
+    )
+    if listing.items_key is not None and _reaches_history(client, listing, since=since):
+        assert listing.historical_path is not None
         counts += engine.pull(
             run,
             sink,
-            client.iter_pages(stream.path, stream.items_key, **filters),
+            client.iter_pages(listing.historical_path, listing.items_key, **sent),
             checkpoint=None,
-            label=f"{stream.noun}{of}{label}",
+            label=f"historical {listing.noun}{of}{label}",
             on_page=on_page,
         )
-        if _reaches_history(client, stream, since=since):
-            assert stream.historical_path is not None
-            counts += engine.pull(
-                run,
-                sink,
-                client.iter_pages(stream.historical_path, stream.items_key, **filters),
-                checkpoint=None,
-                label=f"historical {stream.noun}{of}{label}",
-                on_page=on_page,
-            )
+    # The listing was read to its end (a stop or an error raised above): what it did not list
+    # is closed, unless a record of it could not be parsed (its series is unknown).
+    if closing and client.serves(listing.path) and counts.rejected == 0:
+        assert isinstance(rule, ChangeOnly)
+        where: dict[str, Any] = {"account": run.account}
+        if subaccount is not None:
+            where["subaccount_number"] = subaccount
+        with run.transaction() as tx:
+            closed = close_unlisted(tx, rule, where, listed, captured_at=captured_at or run.clock())
+            add_to_run(tx, run.run_id, Counts(inserted=closed))
+        counts += Counts(inserted=closed)
     return counts
 
 

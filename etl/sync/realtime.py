@@ -1,7 +1,8 @@
 """Realtime: the account's WebSocket channels written into their tables, reconciled by REST.
 
-The channels (:data:`CHANNELS`): ``user_orders`` into ``orders`` and ``fill`` into ``fills``,
-both on one connection. Three threads per account:
+The channels (:data:`CHANNELS`): ``user_orders`` into ``orders``, ``fill`` into ``fills`` and
+``market_positions`` into ``position_snapshots`` (stamped with the receive time: the channel
+sends none), all on one connection. Three threads per account:
 
 - the **stream** (:class:`~etl.kalshi.stream.AccountStream`) receives messages and queues them
   in a bounded inbox (:data:`INBOX_LIMIT`): while the database is away they wait there, and
@@ -42,13 +43,19 @@ from etl import metrics
 from etl.db.engine import connection, transaction
 from etl.db.state import live_stream, read_state, write_state
 from etl.db.upsert import Counts, insert_rejected, refusal_safe, upsert_orders, write_records
-from etl.db.write import write_rows
+from etl.db.write import ChangeOnly, write_rows, write_snapshots
 from etl.errors import DatabaseError, EtlError, LockBusyError, StopRequested
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient
 from etl.kalshi.parse import Fill, Order, Rejected, parse_fill, parse_user_order
+from etl.kalshi.parse.account import (
+    POSITION_STREAM_COMPARES,
+    MarketPosition,
+    parse_position_message,
+)
 from etl.kalshi.stream import MESSAGE_TYPES, AccountStream, StreamPolicy
 from etl.streams.fills import FILLS
+from etl.streams.positions import POSITIONS
 from etl.streams.registry import CHANNEL_OF
 from etl.sync.listing import rows_of, sync_listing
 from etl.sync.orders import SyncResult, sync_orders
@@ -84,7 +91,7 @@ class Channel:
     Attributes:
         name: the channel subscribed to (``fill``).
         stream: its stream (``rejected_records``, ``sync_state`` row ``<stream>:stream``).
-        parse: a message's ``msg`` → a record, or a :class:`Rejected`.
+        parse: a message's ``msg`` and when it arrived → a record, or a :class:`Rejected`.
         write: writes parsed records by the stream's rule.
         exchange_time: a record's exchange time (the watermark and the lag).
         catch_up: the stream's incremental REST sync.
@@ -92,7 +99,7 @@ class Channel:
 
     name: str
     stream: str
-    parse: Callable[[Any], Any]
+    parse: Callable[[Any, datetime], Any]
     write: Writer
     exchange_time: Callable[[Any], datetime | None]
     catch_up: CatchUp
@@ -132,6 +139,35 @@ def _sync_fills(
     )
 
 
+def _write_positions(
+    conn: Connection,
+    records: Sequence[MarketPosition],
+    account: str,
+    now: datetime,
+    one_by_one: bool,
+) -> tuple[Counts, list[Rejected]]:
+    """Snapshots stamped with each message's receive time, comparing only the fields the
+    channel carries (the others kept from the latest row)."""
+
+    def write(c: Connection, batch: Sequence[MarketPosition]) -> Counts:
+        rows = [
+            {**row, "captured_at": record.captured_at or now}
+            for row, record in zip(rows_of(POSITIONS, account, batch), batch, strict=True)
+        ]
+        assert isinstance(POSITIONS.rule, ChangeOnly)
+        return write_snapshots(
+            c, POSITIONS.rule, rows, captured_at=now, compared=POSITION_STREAM_COMPARES
+        )
+
+    return write_records(conn, records, write, one_by_one=one_by_one)
+
+
+def _sync_positions(
+    db: Engine, client: KalshiClient, account: str, lookback: timedelta, stop: threading.Event
+) -> SyncResult:
+    return sync_listing(db, client, POSITIONS, account=account, lock_wait=60.0, stop=stop)
+
+
 def _sync_orders(
     db: Engine, client: KalshiClient, account: str, lookback: timedelta, stop: threading.Event
 ) -> SyncResult:
@@ -144,7 +180,7 @@ CHANNELS: dict[str, Channel] = {
         Channel(
             name=CHANNEL_OF["orders"],
             stream="orders",
-            parse=parse_user_order,
+            parse=lambda msg, _received: parse_user_order(msg),
             write=_write_orders,
             exchange_time=lambda o: o.last_update_time or o.created_time,
             catch_up=_sync_orders,
@@ -152,10 +188,18 @@ CHANNELS: dict[str, Channel] = {
         Channel(
             name=CHANNEL_OF["fills"],
             stream="fills",
-            parse=parse_fill,
+            parse=lambda msg, _received: parse_fill(msg),
             write=_write_fills,
             exchange_time=lambda f: f.created_time,
             catch_up=_sync_fills,
+        ),
+        Channel(
+            name=CHANNEL_OF["positions"],
+            stream="positions",
+            parse=lambda msg, received: parse_position_message(msg, received=received),
+            write=_write_positions,
+            exchange_time=lambda _p: None,  # the channel sends no time
+            catch_up=_sync_positions,
         ),
     )
 }
@@ -186,7 +230,7 @@ class RealtimeAccount:
         lookback: timedelta = timedelta(minutes=5),
         policy: StreamPolicy | None = None,
         inbox_limit: int = INBOX_LIMIT,
-        channels: Sequence[str] = ("user_orders", "fill"),
+        channels: Sequence[str] = ("user_orders", "fill", "market_positions"),
     ) -> None:
         self.engine = engine
         self.client = client
@@ -372,8 +416,8 @@ class RealtimeAccount:
         """Commit ``messages`` (as received, with their arrival times) in one transaction."""
         records: dict[str, list[Any]] = {c.name: [] for c in self.channels}
         rejected: dict[str, list[Rejected]] = {c.stream: [] for c in self.channels}
-        for body, _received in messages:
-            channel, parsed = self._parse(body)
+        for body, received in messages:
+            channel, parsed = self._parse(body, datetime.fromtimestamp(received, UTC))
             if isinstance(parsed, Rejected):
                 rejected[channel.stream].append(parsed)
             else:
@@ -414,13 +458,13 @@ class RealtimeAccount:
             self._last_exchange_time = newest
         return Batch(counts=counts, lags=lags)
 
-    def _parse(self, body: Any) -> tuple[Channel, Any]:
+    def _parse(self, body: Any, received: datetime) -> tuple[Channel, Any]:
         """The channel of a message, and its ``msg`` parsed (a :class:`Rejected` when bad; a
         message that is not a JSON object is counted against the first channel's stream)."""
         if not isinstance(body, dict):
             return self.channels[0], Rejected(f"{self.name} message: not a JSON object", body)
         channel = self._by_type.get(str(body.get("type")), self.channels[0])
-        return channel, channel.parse(body.get("msg"))
+        return channel, channel.parse(body.get("msg"), received)
 
     # -- catch-up -------------------------------------------------------------------------
 

@@ -193,13 +193,18 @@ def verify_listing(
             subs = known_subaccounts(conn, account) | client.subaccount_numbers()
             partitions = [*sorted(subs)]
         for subaccount in partitions:
-            parse = parser(stream, subaccount=subaccount)
-            for path in filter(None, (stream.path, stream.historical_path)):
-                for page in client.iter_pages(path, stream.items_key, subaccount=subaccount):
-                    parsed = [parse(item, screened=page.screened) for item in page.items]
-                    good = [p for p in parsed if not isinstance(p, Rejected)]
-                    listed.add(conn, [(listed.record_key(r, rule.key), r.raw) for r in good])
-                    conn.commit()
+            for listing in _same_table(stream):
+                parse = parser(listing, subaccount=subaccount)
+                assert listing.items_key is not None
+                for path in filter(None, (listing.path, listing.historical_path)):
+                    pages = client.iter_pages(
+                        path, listing.items_key, subaccount=subaccount, **dict(listing.filters)
+                    )
+                    for page in pages:
+                        parsed = [parse(item, screened=page.screened) for item in page.items]
+                        good = [p for p in parsed if not isinstance(p, Rejected)]
+                        listed.add(conn, [(listed.record_key(r, rule.key), r.raw) for r in good])
+                        conn.commit()
 
         def comparison() -> RowComparison:
             return listed.compare(
@@ -229,6 +234,11 @@ def verify_listing(
     return result
 
 
+def _same_table(stream: Listing) -> list[Listing]:
+    """The listings of ``stream`` that fill its table (not archived positions, say)."""
+    return [x for x in stream.listings if x.rule.table is stream.rule.table]
+
+
 def _repair_listing(
     engine: Engine, conn: Connection, stream: Listing, account: str, lock_wait: float
 ) -> Counts:
@@ -241,9 +251,15 @@ def _repair_listing(
             for key, raw in keyed:
                 # A per-subaccount record's key starts with its subaccount (its payload has none).
                 subaccount = int(key.split("/", 1)[0]) if stream.per_subaccount else None
-                parsed = parser(stream, subaccount=subaccount)(raw, screened=False)
-                if not isinstance(parsed, Rejected):
-                    records.append(parsed)
+                # The listing it came from is the one whose parse gives it that key (a cash
+                # movement's kind is its listing's).
+                for listing in _same_table(stream):
+                    parsed = parser(listing, subaccount=subaccount)(raw, screened=False)
+                    if not isinstance(parsed, Rejected) and (
+                        listed.record_key(parsed, rule.key) == key
+                    ):
+                        records.append(parsed)
+                        break
             rows = rows_of(stream, account, records)
             with run.transaction() as tx:
                 counts = write_rows(tx, rule, rows, synced_at=utcnow(), claim=True)

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from etl.kalshi.stream import WS_PATH, StreamPolicy, stream_url
 from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import key_id
 from etl.streams.fills import FILLS
+from etl.streams.positions import POSITIONS
 from etl.sync.listing import sync_listing
 from etl.sync.realtime import RealtimeAccount
 from tests.fix_exchange import wait_until
@@ -211,6 +213,82 @@ def test_with_the_stream_on_fills_equal_the_truth_within_a_second_once_each_and_
     sync_listing(db, live.client, FILLS, account=ACCOUNT)
     assert count(db, "SELECT count(*) FROM fills WHERE raw ? 'ts_ms'") == 0
     assert fills_caught_up(db, live)
+
+
+def stream_positions(engine: Engine) -> dict[tuple[int, str], Any]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT DISTINCT ON (subaccount_number, ticker) subaccount_number, ticker, "
+                "position_fp, market_exposure_dollars, realized_pnl_dollars, fees_paid_dollars "
+                "FROM position_snapshots ORDER BY subaccount_number, ticker, captured_at DESC"
+            )
+        )
+        return {(r[0], r[1]): tuple(r[2:]) for r in rows}
+
+
+def positions_streamed_truth(live: Live) -> dict[tuple[int, str], Any]:
+    with live.app.lock:
+        positions = live.exchange.money.positions(archived=False)
+        return {
+            (p.subaccount, p.ticker): (
+                Decimal(p.position).quantize(Decimal("0.01")),
+                Decimal(p.exposure) / 100,
+                Decimal(p.realized) / 100,
+                Decimal(p.fees) / 100,
+            )
+            for p in positions
+        }
+
+
+def test_market_positions_messages_reach_position_snapshots_within_a_second_and_rest_completes(
+    db, live, realtime
+):
+    before = rest_runs(db, "positions")
+    last = trade(live, 200, pause=0.003)
+    wait_until(
+        lambda: stream_positions(db) == positions_streamed_truth(live), timeout=10, poll=0.01
+    )
+    caught_up_after = time.time() - last
+    assert caught_up_after < 1.0, f"positions matched the truth {caught_up_after:.2f}s late"
+    assert rest_runs(db, "positions") == before, "REST ran: the channel alone should have done it"
+    assert live.app.stream.counts["messages"] > 0
+    with db.connect() as conn:
+        streamed = conn.execute(
+            sa.text(
+                "SELECT count(*) FILTER (WHERE raw ? 'position_cost_dollars'), "
+                "count(*) FILTER (WHERE raw ? 'position_cost_dollars' "
+                "AND total_traded_dollars IS NULL) FROM position_snapshots"
+            )
+        ).one()
+    assert streamed[0] > 10
+    # A column the channel lacks keeps the latest row's value (REST's, from the catch-up),
+    # unless the market was first seen on the stream.
+    first_seen = count(
+        db,
+        "SELECT count(DISTINCT (subaccount_number, ticker)) FROM position_snapshots s "
+        "WHERE raw ? 'position_cost_dollars' AND NOT EXISTS (SELECT 1 FROM position_snapshots r "
+        "WHERE r.subaccount_number = s.subaccount_number AND r.ticker = s.ticker "
+        "AND NOT r.raw ? 'position_cost_dollars')",
+    )
+    assert streamed[1] == 0 or first_seen > 0
+
+    # The next REST poll reconciles every column.
+    sync_listing(db, live.client, POSITIONS, account=ACCOUNT)
+    with live.app.lock:
+        rest_truth = {
+            (p.subaccount, p.ticker): p.render()["total_traded_dollars"]
+            for p in live.exchange.money.positions(archived=False)
+        }
+    with db.connect() as conn:
+        traded = conn.execute(
+            sa.text(
+                "SELECT DISTINCT ON (subaccount_number, ticker) subaccount_number, ticker, "
+                "total_traded_dollars FROM position_snapshots "
+                "ORDER BY subaccount_number, ticker, captured_at DESC"
+            )
+        ).all()
+    assert {(r[0], r[1]): r[2] for r in traded} == {k: Decimal(v) for k, v in rest_truth.items()}
 
 
 def test_a_malformed_fill_message_is_kept_in_rejected_records_of_fills(db, live, realtime):
