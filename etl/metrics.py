@@ -86,13 +86,13 @@ OPEN_ORDERS = Gauge(
 
 STREAM_CONNECTED = Gauge(
     "kalshi_etl_stream_connected",
-    "1 while the account's WebSocket (user_orders, fill) is subscribed, else 0.",
+    "1 while the account's WebSocket (user_orders, fill, market_positions) is subscribed, else 0.",
     ["account"],
     registry=REGISTRY,
 )
 STREAM_MESSAGES = Counter(
     "kalshi_etl_stream_messages_total",
-    "WebSocket messages (user_orders, fill) committed, by what they did "
+    "WebSocket messages (user_orders, fill, market_positions) committed, by what they did "
     "(inserted/updated/unchanged/rejected).",
     ["account", "outcome"],
     registry=REGISTRY,

@@ -108,7 +108,7 @@ def test_positions_balances_and_cash_equal_the_truth_as_the_account_trades(db, c
     sync_all(db, client)
     assert_equal_truth(db, exchange)
 
-    for round_ in range(3):  # trading, a settlement at 0.50, money in and out, between syncs
+    for round_ in range(4):  # trading, a settlement at 0.50, money in and out, between syncs
         exchange.step(40, every=timedelta(seconds=1))
         if round_ == 0:
             exchange.settle_market(exchange.tickers[0], "scalar", 50)
@@ -118,6 +118,10 @@ def test_positions_balances_and_cash_equal_the_truth_as_the_account_trades(db, c
             exchange.money.move(
                 "transfer", 12_345, exchange.now, from_subaccount=1, to_subaccount=0
             )
+        if round_ == 2:
+            exchange.money.move("withdrawal", 5_000, exchange.now, fee=100)
+            exchange.money.move("deposit", 250_000, exchange.now, fee=0)
+            exchange.settle_market(exchange.tickers[1], "yes")
         sync_all(db, client)
         assert_equal_truth(db, exchange)
 
