@@ -20,8 +20,13 @@ from sqlalchemy.engine import Engine
 from etl.db.models import metadata
 from etl.errors import ConfigError
 from etl.kalshi.client import KalshiClient
+from etl.money.books import books
+from etl.money.lots import rebuild_marked
+from etl.money.report import render
 from etl.simulator import Exchange, SimulatorApp, serve
 from etl.simulator.keys import SIMULATED_PREFIX, key_id, load_or_create
+from etl.streams.registry import LISTINGS
+from etl.sync.listing import sync_listing
 from etl.sync.orders import backfill_orders, sync_orders
 from etl.sync.queue import poll_queue_positions
 
@@ -114,8 +119,10 @@ def run(
     cycles: int = 3,
     pause: float = 2.0,
     lookback: timedelta = timedelta(minutes=5),
+    report_path: Path | None = None,
 ) -> Iterator[str]:
-    """Run the demo, yielding the report's lines as they come."""
+    """Run the demo, yielding the report's lines as they come (and writing the HTML report
+    to ``report_path``)."""
     now = datetime.now(UTC)
     started = time.monotonic()
     result = backfill_orders(
@@ -146,7 +153,30 @@ def run(
         exchange.events_per_second = 0  # pause the market, so the check below is exact
         final = sync_orders(engine, client, account=account, lookback=lookback).counts
         yield f"market paused; catch-up cycle: new {final.inserted}, changed {final.updated}"
+    yield from the_money(engine, client, account=account, lookback=lookback)
     yield from report(engine, exchange)
+    if report_path is not None:
+        with engine.connect() as conn:
+            report_path.write_text(render(conn, account), encoding="utf-8")
+        yield ""
+        yield f"the money, as a page: {report_path.resolve()} (open it in a browser)"
+
+
+def the_money(
+    engine: Engine, client: KalshiClient, *, account: str, lookback: timedelta
+) -> Iterator[str]:
+    """The rest of the account (fills, settlements, positions, balance, cash), its lots and
+    the cash check."""
+    for stream in LISTINGS.values():
+        counts = sync_listing(engine, client, stream, account=account, lookback=lookback).counts
+        yield f"{stream.name}: fetched {counts.fetched}, new {counts.inserted}"
+    rebuilt = rebuild_marked(engine, account)
+    with engine.connect() as conn:
+        b = books(conn, account)
+    yield (
+        f"P&L lots of {rebuilt.markets} markets built; the cash check: balance "
+        f"${b.balance_now:,.2f}, movements ${b.movements:,.2f}, residual ${b.residual:,.2f}"
+    )
 
 
 def report(engine: Engine, exchange: Exchange | None) -> Iterator[str]:

@@ -319,6 +319,7 @@ def test_psql_opens_the_database(db, tmp_path, live_simulator):
     assert result.stdout.strip() == "t"
 
 
+@pytest.mark.long  # about 10 s: waits for a request that hangs
 def test_sigterm_ends_a_daemon_stuck_on_a_silent_api_within_10_seconds(tmp_path, database_url):
     import signal
     import socket

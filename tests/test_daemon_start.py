@@ -94,6 +94,7 @@ def test_sigterm_ends_the_wait_for_the_database_with_exit_0(
         server.server_close()
 
 
+@pytest.mark.long  # about 35 s: the failed first runs are retried after RETRY_FAILED
 def test_the_daemon_waits_for_an_api_that_cannot_be_reached_yet(
     db, app, private_key, key_file, database_url, tmp_path
 ):

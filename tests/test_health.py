@@ -262,7 +262,7 @@ def in_step(db, exchange: Exchange) -> bool:
     return current_queue_positions(db) == queue_truth(exchange)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # about 10 s: trading for several seconds against a daemon process
 def test_a_daemon_keeps_orders_and_queue_positions_equal_to_a_trading_exchange(
     db, private_key, key_file, database_url, tmp_path
 ):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from etl import __version__
-from etl.cli import daemon, ops, simulate, sync, verify
+from etl.cli import daemon, money, ops, simulate, sync, verify
 from etl.cli.logs import setup_logging
 from etl.cli.ops import status_lines
 from etl.cli.verify import verify_lines
@@ -37,6 +37,7 @@ _REGISTER = (
     sync.register,
     daemon.register,
     verify.register,
+    money.register,
     ops.register,
     simulate.register,
 )

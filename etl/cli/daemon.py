@@ -23,6 +23,7 @@ from etl.cli.wiring import (
 from etl.config import Settings
 
 TICKS = 4  # how often per interval the daemon tries each job (see is_due)
+LOTS_EVERY = timedelta(seconds=10)  # how often the daemon rebuilds the lots of marked markets
 
 
 def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
@@ -30,6 +31,7 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from etl.db.state import record_intervals
     from etl.health import Liveness, OperatorServer, Readiness
     from etl.kalshi.stream import stream_url
+    from etl.money.lots import rebuild_marked
     from etl.scheduler import Job, run_daemon
     from etl.streams import Listing
     from etl.streams.registry import CHANNEL_OF, LISTINGS
@@ -160,6 +162,12 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
 
         return job
 
+    def lots_job(name: str) -> Job:
+        def job(stop: threading.Event) -> None:
+            rebuild_marked(engine, name, lock_wait=0)
+
+        return job
+
     jobs: dict[str, tuple[Job, timedelta]] = {}
     for account in accounts:
         of = f" of {account.name}" if len(accounts) > 1 else ""
@@ -170,6 +178,9 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         for kind in chosen:
             if kind in LISTINGS:
                 jobs[kind + of] = (listing_job(account.name, LISTINGS[kind]), every[kind])
+        if {"fills", "settlements"} & set(chosen):
+            # The lots of the markets that fills and settlements (REST or the stream) marked.
+            jobs["P&L lots" + of] = (lots_job(account.name), LOTS_EVERY)
 
     def exit_now() -> None:
         logging.shutdown()

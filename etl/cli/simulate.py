@@ -141,6 +141,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                 exchange=simulator.exchange if simulator else None,
                 cycles=args.cycles,
                 lookback=settings.lookback,
+                report_path=settings.home / "report.html",
             ):
                 print(line, flush=True)
         print()

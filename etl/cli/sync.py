@@ -120,7 +120,19 @@ def _sync_account(
         except EtlError as exc:
             log.error("%s sync failed: %s", step_name, exc)
             failed += 1
-    return failed
+    return failed + _rebuild_lots(engine, name)
+
+
+def _rebuild_lots(engine: Engine, account: str) -> int:
+    """The lots of the markets this pass (or any write before it) marked; 1 when it failed."""
+    from etl.money.lots import rebuild_marked
+
+    try:
+        rebuild_marked(engine, account)
+    except EtlError as exc:
+        log.error("P&L rebuild of %s failed: %s (the markets stay marked)", account, exc)
+        return 1
+    return 0
 
 
 class BackfillDisplay:

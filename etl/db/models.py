@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
+    Sequence,
     Table,
     Text,
     text,
@@ -153,6 +154,8 @@ fills = Table(
     Index(None, "account", "created_time"),
     Index(None, "order_id"),
     Index(None, "ticker"),
+    # A market's fills, in FIFO order, for its lots.
+    Index(None, "account", "subaccount_number", "ticker"),
 )
 
 # ``settlements``: one row per (account, subaccount, market); the newest ``settled_time`` wins.
@@ -248,6 +251,41 @@ cash_movements = Table(
     _required("first_synced_at", Timestamp, server_default=NOW),
     _required("synced_at", Timestamp, server_default=NOW),
     Index(None, "account", "created_time"),
+)
+
+# ``pnl_lots``: the FIFO lots of each (account, subaccount, market), numbered in FIFO order.
+pnl_lots = Table(
+    "pnl_lots",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("subaccount_number", Integer, primary_key=True),
+    Column("ticker", Text, primary_key=True),
+    Column("lot_number", Integer, primary_key=True),
+    _required("side", Text),
+    _required("quantity_fp", Contracts),
+    _optional("open_time", Timestamp),
+    _optional("close_time", Timestamp),
+    _required("entry_price_dollars", Dollars),
+    _optional("exit_price_dollars", Dollars),
+    _required("open_fees_dollars", Dollars),
+    _optional("close_fees_dollars", Dollars),
+    _optional("realized_pnl_without_fees_dollars", Dollars),
+    _optional("realized_pnl_with_fees_dollars", Dollars),
+    _optional("close_type", Text),
+    _required("open_fill_id", Text),
+    _optional("close_fill_id", Text),
+    Index(None, "account", "close_time"),
+)
+
+# ``pnl_marks``: markets whose lots must be rebuilt (marked with the change that needs it).
+PNL_MARK_SEQ = Sequence("pnl_mark_seq", metadata=metadata)
+pnl_marks = Table(
+    "pnl_marks",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("subaccount_number", Integer, primary_key=True),
+    Column("ticker", Text, primary_key=True),
+    _required("version", BigInteger, server_default=PNL_MARK_SEQ.next_value()),
 )
 
 # ``sync_state``: one watermark per (account, stream), written with the data it covers.

@@ -39,6 +39,7 @@ class InsertOnce:
     table: sa.Table
     key: tuple[str, ...]
     stream_marker: str | None = None  # a key only the WebSocket's payloads have
+    marks: bool = False  # mark the markets written for a rebuild of their lots (pnl_marks)
 
     def guard(self, new: str, old: str, *, claim: bool) -> str:
         if claim:
@@ -57,6 +58,7 @@ class NewestWins:
     table: sa.Table
     key: tuple[str, ...]
     version: str | None = None
+    marks: bool = False  # mark the markets written for a rebuild of their lots (pnl_marks)
 
     def guard(self, new: str, old: str, *, claim: bool) -> str:
         different = f"{new}.raw IS DISTINCT FROM {old}.raw"
@@ -275,8 +277,20 @@ def _merge_sql(rule: InsertOnce | NewestWins, columns: Sequence[str], *, claim: 
             ORDER BY {", ".join(rule.key)}
             ON CONFLICT ({", ".join(rule.key)}) DO UPDATE SET {assignments}
             WHERE {rule.guard("excluded", table, claim=claim)}
-            RETURNING (xmax = 0) AS inserted
-        )
+            RETURNING (xmax = 0) AS inserted{_MARKED_KEYS if rule.marks else ""}
+        ){_MARK if rule.marks else ""}
         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
         FROM written
     """
+
+
+_MARKED_KEYS = ", account, subaccount_number, ticker"
+# The markets of the rows written, marked for a rebuild of their lots in the same statement
+# (a mark that exists gets a new version: a rebuild running meanwhile keeps it).
+_MARK = """, marked AS (
+            INSERT INTO pnl_marks (account, subaccount_number, ticker)
+            SELECT DISTINCT account, subaccount_number, ticker FROM written
+            ORDER BY 1, 2, 3
+            ON CONFLICT (account, subaccount_number, ticker)
+            DO UPDATE SET version = nextval('pnl_mark_seq')
+        )"""

@@ -16,7 +16,7 @@ FILLS = Listing(
     parse=parse_fill,
     columns=FILL_COLUMNS,
     # A replay writes nothing; the REST version replaces one only the `fill` channel sent.
-    rule=InsertOnce(fills, ("fill_id",), stream_marker="ts_ms"),
+    rule=InsertOnce(fills, ("fill_id",), stream_marker="ts_ms", marks=True),
     every=timedelta(seconds=30),
     noun="fills",
     historical_path="historical/fills",

@@ -17,7 +17,9 @@ SETTLEMENTS = Listing(
     items_key="settlements",
     parse=parse_settlement,
     columns=SETTLEMENT_COLUMNS,
-    rule=NewestWins(settlements, ("account", "subaccount_number", "ticker"), "settled_time"),
+    rule=NewestWins(
+        settlements, ("account", "subaccount_number", "ticker"), "settled_time", marks=True
+    ),
     every=timedelta(minutes=10),
     noun="settlements",
     per_subaccount=True,
