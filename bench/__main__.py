@@ -21,6 +21,8 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   measured on the same messages, and the messages per commit.
 - a first load with fills: ``kalshi-etl sync --streams orders,fills`` of 100,000 orders
   (BENCH_FILLS_ORDERS) and their fills, beside ``--streams orders`` over the same simulator.
+- the money on 1,000,000 fills (BENCH_MONEY_FILLS): the rebuild of every market's lots, and
+  the views queried, beside a plain aggregate over the same fills.
 
 - as users load: the first ``kalshi-etl sync`` as a process of its own, on accounts of 100,000
   and 1,000,000 orders (``--quick``: 100,000 only) with 8% and 35% of them resting: orders/s
@@ -35,8 +37,8 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   limit, since only a loader faster than the budget can reach it.
 
 Prints a table with ratios and writes bench/results.json. BENCH_ORDERS sets the account size
-of the detailed part (default 100000); BENCH_ONLY=stream, =load, =fills or =limit runs one part
-alone;
+of the detailed part (default 100000); BENCH_ONLY=stream, =load, =fills, =money or =limit runs
+one part alone;
 BENCH_LOAD_SIZES and BENCH_RESTING set the loads (default 100000,1000000 and 0.08,0.35), and
 BENCH_REPEATS the runs of each (default 3 up to 100,000 orders, else 1).
 """
@@ -147,6 +149,9 @@ def run(engine: sa.Engine, n: int) -> int:
     if only == "fills":
         print_fills(measure_fills(engine))
         return 0
+    if only == "money":
+        print_money(measure_money(engine))
+        return 0
     print(f"kalshi-etl benchmark: {n} simulated orders, page size {PAGE}", file=sys.stderr)
     home = Path(tempfile.mkdtemp(prefix="ketl-bench-"))
     options = ("--orders", str(n), "--seed", "42", "--events-per-second", "0")
@@ -228,6 +233,7 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     stream = measure_stream(engine)
     loads = measure_loads(engine, quick=QUICK)
     with_fills = measure_fills(engine)
+    money = measure_money(engine)
     limited = measure_limited(engine)
 
     rate = lambda seconds: n / seconds  # noqa: E731
@@ -293,12 +299,14 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     print_stream(stream)
     print_loads(loads)
     print_fills(with_fills)
+    print_money(money)
     print_limited(limited)
     RESULTS.write_text(
         json.dumps(
             {
                 "loads": loads,
                 "fills_load": with_fills,
+                "money": money,
                 "rate_limited": limited,
                 "stream": stream,
                 "orders": n,
@@ -825,6 +833,93 @@ def print_loads(loads: list[dict[str, Any]]) -> None:
         " CPU ÷ its seconds. PostgreSQL: every local process of that name; n/a for a server\n"
         " elsewhere)"
     )
+
+
+MONEY_FILLS = int(os.environ.get("BENCH_MONEY_FILLS", "1000000"))
+MONEY_MARKETS = 5_000
+
+
+def measure_money(engine: sa.Engine) -> dict[str, Any]:
+    """The money on ``MONEY_FILLS`` fills over ``MONEY_MARKETS`` markets (made in SQL): the
+    rebuild of every market's lots, then each view queried whole, beside a plain aggregate
+    over the same fills (the floor for a view that reads them all)."""
+    from etl.money.lots import rebuild_marked
+
+    account = "bench-money"
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE fills, settlements, pnl_lots, pnl_marks"))
+        conn.execute(
+            sa.text(
+                """
+                INSERT INTO fills (fill_id, account, ticker, outcome_side, count_fp,
+                                   yes_price_dollars, no_price_dollars, fee_cost, created_time,
+                                   subaccount_number, raw)
+                SELECT 'bf-' || g, :account, 'KXBENCH-M' || (g % :markets),
+                       CASE WHEN random() < 0.5 THEN 'yes' ELSE 'no' END,
+                       1 + floor(random() * 20), p, 1 - p, 0.01, now() - g * interval '1 second',
+                       0, '{}'::jsonb
+                FROM (SELECT g, round((0.01 + random() * 0.98)::numeric, 2) AS p
+                      FROM generate_series(1, :n) g) s
+                """
+            ),
+            {"account": account, "markets": MONEY_MARKETS, "n": MONEY_FILLS},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO pnl_marks (account, subaccount_number, ticker) "
+                "SELECT DISTINCT account, subaccount_number, ticker FROM fills"
+            )
+        )
+        conn.execute(sa.text("ANALYZE fills"))
+    print(f"  money: rebuilding the lots of {MONEY_FILLS:,} fills …", file=sys.stderr, flush=True)
+    rebuild_seconds, rebuilt = timed("  rebuild", lambda: rebuild_marked(engine, account))
+    with engine.begin() as conn:
+        conn.execute(sa.text("ANALYZE pnl_lots"))
+
+    def query(sql: str) -> Callable[[], int]:
+        def run() -> int:
+            with engine.connect() as conn:
+                return len(conn.execute(sa.text(sql), {"account": account}).all())
+
+        return run
+
+    rows = {
+        "plain aggregate over fills": query(
+            "SELECT ticker, sum(count_fp), sum(fee_cost) FROM fills WHERE account = :account "
+            "GROUP BY ticker"
+        ),
+        "pnl_by_market, every market": query(
+            "SELECT * FROM pnl_by_market WHERE account = :account"
+        ),
+        "pnl_by_market, one market": query(
+            "SELECT * FROM pnl_by_market WHERE account = :account AND ticker = 'KXBENCH-M42'"
+        ),
+        "pnl_daily": query("SELECT * FROM pnl_daily WHERE account = :account"),
+    }
+    timings = {}
+    for label, run in rows.items():
+        run()  # warm
+        timings[label] = statistics.median(timed(label, run)[0] for _ in range(3))
+    return {
+        "fills": MONEY_FILLS,
+        "markets": MONEY_MARKETS,
+        "lots": rebuilt.lots,
+        "rebuild_seconds": rebuild_seconds,
+        "fills_per_second": MONEY_FILLS / rebuild_seconds,
+        "queries": timings,
+    }
+
+
+def print_money(r: dict[str, Any]) -> None:
+    print()
+    print(
+        f"money: {r['fills']:,} fills over {r['markets']:,} markets: lots rebuilt in "
+        f"{r['rebuild_seconds']:.1f}s ({r['fills_per_second']:,.0f} fills/s, {r['lots']:,} lots)"
+    )
+    floor = r["queries"]["plain aggregate over fills"]
+    print(f"{'query':<34}{'seconds':>10}   ratio")
+    for label, seconds in r["queries"].items():
+        print(f"{label:<34}{seconds:>10.3f}   {seconds / floor:.2f}× the plain aggregate")
 
 
 FILLS_ORDERS = int(os.environ.get("BENCH_FILLS_ORDERS", "100000"))

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from etl.db.models import metadata
 from etl.errors import ConfigError
 from etl.kalshi.client import KalshiClient
-from etl.money.books import books
+from etl.money.books import books, dollars
 from etl.money.lots import rebuild_marked
 from etl.money.report import render
 from etl.simulator import Exchange, SimulatorApp, serve
@@ -175,7 +175,8 @@ def the_money(
         b = books(conn, account)
     yield (
         f"P&L lots of {rebuilt.markets} markets built; the cash check: balance "
-        f"${b.balance_now:,.2f}, movements ${b.movements:,.2f}, residual ${b.residual:,.2f}"
+        f"{dollars(b.balance_now)}, movements {dollars(b.movements)}, residual "
+        f"{dollars(b.residual)}"
     )
 
 

@@ -37,6 +37,7 @@ def wait_not_ready(url: str) -> None:
     wait_until(answering, timeout=20)
 
 
+@pytest.mark.long  # about 10 s: the database comes up only after a few seconds
 def test_the_daemon_waits_for_a_database_that_is_not_up_yet(
     db, app, private_key, key_file, database_url, tmp_path
 ):

@@ -1,4 +1,5 @@
-"""The README's SQL runs: every statement of its ```sql blocks, on a synced database."""
+"""The README's and the docs' SQL runs: every statement of their ```sql blocks, on a synced
+database."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from etl.sync.orders import sync_orders
 from etl.sync.queue import poll_queue_positions
 from tests.sync.helpers import ACCOUNT
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def readme_statements() -> list[str]:
-    blocks = re.findall(r"```sql\n(.*?)```", README.read_text(), re.S)
+    text = "\n".join(page.read_text() for page in PAGES)
+    blocks = re.findall(r"```sql\n(.*?)```", text, re.S)
     statements = [s.strip() for block in blocks for s in block.split(";")]
     return [
         s for s in statements if s and not all(line.startswith("--") for line in s.splitlines())

@@ -23,6 +23,7 @@ from etl.config import Settings, parse_time
 from etl.db import migrations
 from etl.db.engine import connection
 from etl.errors import ConfigError
+from etl.money.books import dollars
 
 # Kalshi's tax export, in KALSHI.md's order (then ours).
 CSV_COLUMNS = (
@@ -193,18 +194,20 @@ def _pnl_lines(
     when = f" in {year}" if year is not None else ""
     lines = [
         f"P&L of {account}{when} (FIFO lots, closed by trade or settlement)",
-        f"  realized         {_money(with_fees)} ({_money(before_fees)} before fees)",
-        f"  fees             {_money(fees)} on {lots} closed lots",
+        f"  realized         {dollars(with_fees)} ({dollars(before_fees)} before fees)",
+        f"  fees             {dollars(fees)} on {lots} closed lots",
         f"  win rate         {won}/{len(markets)} markets"
         + (f" ({won / len(markets):.0%})" if markets else ""),
     ]
     if markets:
         best = markets[:TOP]
         worst = [m for m in reversed(markets[-TOP:]) if m not in best]
-        lines.append("  best markets     " + ", ".join(f"{m.ticker} {_money(m.pnl)}" for m in best))
+        lines.append(
+            "  best markets     " + ", ".join(f"{m.ticker} {dollars(m.pnl)}" for m in best)
+        )
         if worst:
             lines.append(
-                "  worst markets    " + ", ".join(f"{m.ticker} {_money(m.pnl)}" for m in worst)
+                "  worst markets    " + ", ".join(f"{m.ticker} {dollars(m.pnl)}" for m in worst)
             )
     if unsettled:
         lines.append(
@@ -212,10 +215,6 @@ def _pnl_lines(
             f"settlement captured (their lots stay open): {', '.join(unsettled[:10])}"
         )
     return lines
-
-
-def _money(value: Decimal) -> str:
-    return f"{'-' if value < 0 else ''}${abs(value):,.2f}"
 
 
 def cmd_books(args: argparse.Namespace, settings: Settings) -> int:
@@ -242,13 +241,13 @@ def cmd_books(args: argparse.Namespace, settings: Settings) -> int:
                 ("withdrawals", -b.withdrawals),
                 ("movements", b.movements),
             ):
-                print(f"  {label:<18}{_money(value):>16}")
-            print(f"  {'residual':<18}{_money(b.residual):>16}")
+                print(f"  {label:<18}{dollars(value):>16}")
+            print(f"  {'residual':<18}{dollars(b.residual):>16}")
             if abs(b.residual) <= args.tolerance:
                 print(f"  balanced (within ${args.tolerance})")
                 continue
             code = EXIT_UNHEALTHY
-            print(f"  NOT BALANCED: {_money(b.residual)} unexplained")
+            print(f"  NOT BALANCED: {dollars(b.residual)} unexplained")
             gaps = explain(conn, account)
             for gap in gaps:
                 print(f"    {gap.what}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from sqlalchemy.engine import Engine
+
 from etl.config import Settings
 from etl.errors import ApiStatusError
 
@@ -61,7 +63,33 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
                     differing += not equal
             except ApiStatusError as exc:
                 raise explain_auth(exc, account, settings) from exc
+        if {"fills", "settlements"} & set(streams):
+            for line in money_lines(engine, account.name, args.examples):
+                print(line)
     return 1 if differing else 0
+
+
+def money_lines(engine: Engine, account: str, examples: int) -> list[str]:
+    """Our P&L against Kalshi's own figures (reported; the exit code is the listings')."""
+    from etl.db.engine import connection
+    from etl.money.checks import check_money
+    from etl.money.lots import rebuild_marked
+
+    rebuild_marked(engine, account)
+    with connection(engine) as conn:
+        check = check_money(conn, account, examples=examples)
+    lines = [f"P&L of account {account} against Kalshi's own figures (reported only)"]
+    lines.append(
+        f"  positions   {check.markets_compared} markets compared, "
+        f"{check.markets_differing} differ both before and after fees"
+    )
+    lines += [f"    {example}" for example in check.market_examples]
+    lines.append(
+        f"  settlements {check.settlements_compared} compared with the lots they closed, "
+        f"{check.settlements_differing} differ"
+    )
+    lines += [f"    {example}" for example in check.settlement_examples]
+    return lines
 
 
 def difference_lines(

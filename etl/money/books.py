@@ -30,6 +30,13 @@ from sqlalchemy.engine import Connection
 ZERO = Decimal(0)
 
 
+def dollars(value: Decimal | None) -> str:
+    """``-$1,234.50`` (``$0.00`` for a zero of either sign; ``n/a`` for ``None``)."""
+    if value is None:
+        return "n/a"
+    return f"{'-' if value < 0 else ''}${abs(value):,.2f}"
+
+
 @dataclass(frozen=True)
 class Books:
     """The terms of the check, in dollars."""

@@ -11,6 +11,7 @@ crash at any point leaves the mark, and readers never see half a market.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -18,33 +19,41 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from etl.db.engine import connection, stream_lock, transaction
+from etl.db.engine import connection, driver_cursor, stream_lock
 from etl.db.models import pnl_lots
 from etl.money.fifo import Lot, LotFill, Settled, lots_of
 
 log = logging.getLogger(__name__)
 
 LOCK = "pnl"  # the advisory lock of an account's rebuild (not a stream: no runs recorded)
+CHUNK = 500  # marked markets read at once
 
 _MARKS = sa.text(
     "SELECT subaccount_number, ticker, version FROM pnl_marks WHERE account = :account "
     "ORDER BY subaccount_number, ticker"
 )
+# The fills and settlements of a chunk of marked markets, read in one query each.
 _FILLS = sa.text(
     """
-    SELECT fill_id, created_time, outcome_side, count_fp, yes_price_dollars, fee_cost
-    FROM fills WHERE account = :account AND subaccount_number = :sub AND ticker = :ticker
-    ORDER BY created_time, fill_id COLLATE "C"
+    SELECT f.subaccount_number, f.ticker, f.fill_id, f.created_time, f.outcome_side, f.count_fp,
+           f.yes_price_dollars, f.fee_cost
+    FROM fills f
+    JOIN unnest(CAST(:subs AS int[]), CAST(:tickers AS text[])) AS m(sub, ticker)
+      ON f.subaccount_number = m.sub AND f.ticker = m.ticker
+    WHERE f.account = :account
+    ORDER BY f.subaccount_number, f.ticker, f.created_time, f.fill_id COLLATE "C"
     """
 )
-_SETTLEMENT = sa.text(
-    "SELECT market_result, value, settled_time FROM settlements "
-    "WHERE account = :account AND subaccount_number = :sub AND ticker = :ticker"
+_SETTLEMENTS = sa.text(
+    """
+    SELECT s.subaccount_number, s.ticker, s.market_result, s.value, s.settled_time
+    FROM settlements s
+    JOIN unnest(CAST(:subs AS int[]), CAST(:tickers AS text[])) AS m(sub, ticker)
+      ON s.subaccount_number = m.sub AND s.ticker = m.ticker
+    WHERE s.account = :account
+    """
 )
-_CLEAR = sa.text(
-    "DELETE FROM pnl_marks WHERE account = :account AND subaccount_number = :sub "
-    "AND ticker = :ticker AND version = :version"
-)
+_COLUMNS = tuple(c.name for c in pnl_lots.c)
 
 
 @dataclass(frozen=True)
@@ -66,16 +75,27 @@ def rebuild_marked(engine: Engine, account: str, *, lock_wait: float = 30.0) -> 
     with connection(engine) as conn:  # nothing marked (the usual case): no lock to take
         if not conn.execute(_MARKS, {"account": account}).first():
             return Rebuilt(0, 0, 0)
-    with stream_lock(engine, account, LOCK, wait=lock_wait):
-        with connection(engine) as conn:
-            marks = conn.execute(_MARKS, {"account": account}).all()
-        for sub, ticker, version in marks:
-            with transaction(engine) as tx:
-                made, left_out = _rebuild(tx, account, sub, ticker)
-                tx.execute(
-                    _CLEAR, {"account": account, "sub": sub, "ticker": ticker, "version": version}
-                )
-            markets, lots, skipped = markets + 1, lots + made, skipped + left_out
+    with stream_lock(engine, account, LOCK, wait=lock_wait), connection(engine) as conn:
+        marks = conn.execute(_MARKS, {"account": account}).all()
+        conn.commit()
+        # A commit need not wait for its WAL to reach the disk: a commit lost to a crash
+        # takes the mark's clearing with it, and the market is rebuilt again.
+        conn.execute(sa.text("SET synchronous_commit TO OFF"))
+        conn.commit()
+        try:
+            for chunk in (marks[i : i + CHUNK] for i in range(0, len(marks), CHUNK)):
+                fills, settled, left_out = _read(conn, account, chunk)
+                conn.commit()
+                skipped += left_out
+                for sub, ticker, version in chunk:
+                    made = lots_of(fills.get((sub, ticker), []), settled.get((sub, ticker)))
+                    _replace(conn, account, sub, ticker, version, made)
+                    conn.commit()  # one transaction per market
+                    markets, lots = markets + 1, lots + len(made)
+        finally:
+            conn.rollback()
+            conn.execute(sa.text("RESET synchronous_commit"))
+            conn.commit()
     if markets:
         log.info("P&L of %s: %d markets rebuilt (%d lots)", account, markets, lots)
     if skipped:
@@ -87,11 +107,20 @@ def rebuild_marked(engine: Engine, account: str, *, lock_wait: float = 30.0) -> 
     return Rebuilt(markets, lots, skipped)
 
 
-def _rebuild(conn: Connection, account: str, sub: int, ticker: str) -> tuple[int, int]:
-    where = {"account": account, "sub": sub, "ticker": ticker}
-    fills: list[LotFill] = []
+def _read(
+    conn: Connection, account: str, chunk: Sequence[Any]
+) -> tuple[dict[tuple[int, str], list[LotFill]], dict[tuple[int, str], Settled], int]:
+    """The fills and settlements of a chunk of marked markets. Read before the markets'
+    transactions: a fill written meanwhile marks its market again (a new version), so the
+    mark read here is not cleared and the market is rebuilt once more."""
+    params = {
+        "account": account,
+        "subs": [sub for sub, _, _ in chunk],
+        "tickers": [ticker for _, ticker, _ in chunk],
+    }
+    fills: dict[tuple[int, str], list[LotFill]] = {}
     skipped = 0
-    for row in conn.execute(_FILLS, where):
+    for row in conn.execute(_FILLS, params):
         if row.outcome_side not in ("yes", "no") or None in (
             row.count_fp,
             row.yes_price_dollars,
@@ -99,7 +128,7 @@ def _rebuild(conn: Connection, account: str, sub: int, ticker: str) -> tuple[int
         ):
             skipped += 1
             continue
-        fills.append(
+        fills.setdefault((row.subaccount_number, row.ticker), []).append(
             LotFill(
                 row.fill_id,
                 row.created_time,
@@ -109,20 +138,40 @@ def _rebuild(conn: Connection, account: str, sub: int, ticker: str) -> tuple[int
                 row.fee_cost or Decimal(0),
             )
         )
-    settled = _settled(conn.execute(_SETTLEMENT, where).first())
-    made = lots_of(fills, settled)
-    conn.execute(
-        sa.delete(pnl_lots).where(
-            pnl_lots.c.account == account,
-            pnl_lots.c.subaccount_number == sub,
-            pnl_lots.c.ticker == ticker,
+    settled = {
+        (row.subaccount_number, row.ticker): priced
+        for row in conn.execute(_SETTLEMENTS, params)
+        if (priced := _settled(row)) is not None
+    }
+    return fills, settled, skipped
+
+
+def _replace(
+    conn: Connection, account: str, sub: int, ticker: str, version: int, made: list[Lot]
+) -> None:
+    """The market's lots replaced and its mark cleared (if still of ``version``), in the
+    caller's transaction: a DELETE, one COPY, a DELETE."""
+    where = {"account": account, "sub": sub, "ticker": ticker}
+    # Planned each time (prepare=False): a plan prepared while pnl_lots was small (a seq scan)
+    # must not be reused once it has grown, as it would during a first rebuild.
+    with driver_cursor(conn) as cur:
+        cur.execute(
+            "DELETE FROM pnl_lots WHERE account = %(account)s AND subaccount_number = %(sub)s "
+            "AND ticker = %(ticker)s",
+            where,
+            prepare=False,
         )
-    )
-    if made:
-        conn.execute(
-            sa.insert(pnl_lots), [_row(account, sub, ticker, n, lot) for n, lot in enumerate(made)]
+        if made:
+            with cur.copy(f"COPY pnl_lots ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+                for number, lot in enumerate(made):
+                    row = _row(account, sub, ticker, number, lot)
+                    copy.write_row([row[c] for c in _COLUMNS])
+        cur.execute(
+            "DELETE FROM pnl_marks WHERE account = %(account)s AND subaccount_number = %(sub)s "
+            "AND ticker = %(ticker)s AND version = %(version)s",
+            {**where, "version": version},
+            prepare=False,
         )
-    return len(made), skipped
 
 
 def _settled(row: Any) -> Settled | None:

@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from plotly.offline import get_plotlyjs
 from sqlalchemy.engine import Connection
 
+from etl.money.books import dollars
+
 ZERO = Decimal(0)
 TOP_MARKETS = 20
 
@@ -97,12 +99,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, Decimal):
         return f"{value:,.2f}"
     return str(value)
-
-
-def _money(value: Decimal | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{'-' if value < 0 else ''}${abs(value):,.2f}"
 
 
 def render(conn: Connection, account: str, *, since: datetime | None = None) -> str:
@@ -195,11 +191,11 @@ def render(conn: Connection, account: str, *, since: datetime | None = None) -> 
     charts.append(_figure(fees, "Fees and fills per day"))
 
     cards = [
-        ("Realized P&L", _money(h.realized)),
-        ("Fees", _money(h.fees)),
+        ("Realized P&L", dollars(h.realized)),
+        ("Fees", dollars(h.fees)),
         ("Win rate", f"{h.win_rate} of {h.markets_closed} closed markets"),
         ("Volume", f"{h.contracts:,.0f} contracts"),
-        ("Balance", _money(h.balance)),
+        ("Balance", dollars(h.balance)),
     ]
     return PAGE.format(
         title=html.escape(f"kalshi-etl report: {account}"),

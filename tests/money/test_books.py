@@ -213,3 +213,33 @@ def test_a_change_marks_its_market_and_a_mark_made_during_a_rebuild_survives(db,
     assert rebuilt.markets == marked and count(db, "SELECT count(*) FROM pnl_marks") == 0
     again = rebuild_marked(db, ACCOUNT)
     assert again.markets == 0
+
+
+def test_our_pnl_agrees_with_kalshis_positions_and_settlements_and_differences_are_listed(
+    db, client, exchange
+):
+    from etl.money.checks import check_money
+
+    trade_for_a_while(exchange)
+    sync_everything(db, client)
+    with db.connect() as conn:
+        agreed = check_money(conn, ACCOUNT)
+    assert agreed.markets_compared > 10 and agreed.markets_differing == 0
+    assert agreed.settlements_compared >= 3 and agreed.settlements_differing == 0
+
+    with db.begin() as conn:  # Kalshi's figure for one market moves; one revenue is off
+        conn.execute(
+            sa.text(
+                "INSERT INTO position_snapshots (account, subaccount_number, ticker, "
+                "captured_at, position_fp, realized_pnl_dollars, raw) "
+                "SELECT account, subaccount_number, ticker, now() + interval '1 hour', "
+                "position_fp, realized_pnl_dollars + 5, raw FROM position_snapshots "
+                "WHERE ticker = :t ORDER BY captured_at DESC LIMIT 1"
+            ),
+            {"t": exchange.tickers[-1]},
+        )
+        conn.execute(sa.text("UPDATE settlements SET revenue = revenue + 100 WHERE revenue > 0"))
+    with db.connect() as conn:
+        found = check_money(conn, ACCOUNT)
+    assert found.markets_differing == 1 and exchange.tickers[-1] in found.market_examples[0]
+    assert found.settlements_differing >= 1 and "revenue" in found.settlement_examples[0]
