@@ -49,6 +49,7 @@ def accounts_env(env: dict[str, str], tmp_path: Path, name: str, key_file: Path)
     return {**env, "KALSHI_ETL_ACCOUNTS": str(path)}
 
 
+@pytest.mark.long  # about 7 s: several CLI processes
 def test_a_key_synced_under_another_name_is_refused_until_renamed(
     db, tmp_path, live_simulator, key_file, exchange
 ):

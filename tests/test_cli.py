@@ -417,6 +417,7 @@ def test_an_unknown_account_is_a_one_line_error_naming_the_accounts(tmp_path, tw
     )
 
 
+@pytest.mark.long  # about 10 s: five verify processes over two accounts
 def test_verify_exits_0_when_equal_1_with_the_differences_listed_and_repairs(
     db, tmp_path, two_accounts
 ):

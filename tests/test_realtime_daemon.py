@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime
 
 import httpx
+import pytest
 
 from etl import metrics
 from etl.health import LINK_GRACE, Readiness
@@ -21,6 +22,7 @@ from tests.sync.test_realtime import fills_table, fills_truth, streamed_table, s
 from tests.test_health import daemon_env, free_port, scrape, value, wait_ready
 
 
+@pytest.mark.long  # about 8 s: a daemon process trading for three seconds
 def test_a_realtime_daemon_keeps_orders_within_a_second_of_a_trading_exchange(
     db, private_key, key_file, database_url, tmp_path
 ):

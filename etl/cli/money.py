@@ -53,7 +53,7 @@ def _accounts(settings: Settings, engine: Engine, name: str | None) -> list[str]
         _known_account(settings, engine, name)
         return [name]
     with connection(engine) as conn:
-        return list(
+        names = list(
             conn.execute(
                 sa.text(
                     "SELECT account FROM fills UNION SELECT account FROM balance_snapshots "
@@ -61,6 +61,9 @@ def _accounts(settings: Settings, engine: Engine, name: str | None) -> list[str]
                 )
             ).scalars()
         )
+    if not names:
+        raise ConfigError("no account has fills, settlements or a balance yet: run kalshi-etl sync")
+    return names
 
 
 def _rebuild(engine: Engine, accounts: list[str]) -> None:
@@ -265,8 +268,6 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     engine = open_engine(settings)
     since = parse_time(args.since, name="--since") if args.since else None
     accounts = _accounts(settings, engine, args.account)
-    if not accounts:
-        raise ConfigError("no account has data yet: run kalshi-etl sync first")
     _rebuild(engine, accounts)
     target = Path(args.output)
     with connection(engine) as conn:

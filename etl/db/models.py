@@ -182,6 +182,19 @@ settlements = Table(
     Index(None, "account", "settled_time"),
 )
 
+
+def _position_columns() -> list[Column[Any]]:
+    """What a market position holds (``position_snapshots``, ``archived_positions``)."""
+    return [
+        _optional("position_fp", Contracts),
+        _optional("market_exposure_dollars", Dollars),
+        _optional("realized_pnl_dollars", Dollars),
+        _optional("fees_paid_dollars", Dollars),
+        _optional("total_traded_dollars", Dollars),
+        _optional("last_updated_ts", Timestamp),
+    ]
+
+
 # ``position_snapshots``: a row when a market's position (per subaccount) is first seen or
 # changes, or stops being listed (``position_fp`` 0).
 position_snapshots = Table(
@@ -191,12 +204,7 @@ position_snapshots = Table(
     Column("subaccount_number", Integer, primary_key=True),
     Column("ticker", Text, primary_key=True),
     Column("captured_at", Timestamp, primary_key=True),
-    _optional("position_fp", Contracts),
-    _optional("market_exposure_dollars", Dollars),
-    _optional("realized_pnl_dollars", Dollars),
-    _optional("fees_paid_dollars", Dollars),
-    _optional("total_traded_dollars", Dollars),
-    _optional("last_updated_ts", Timestamp),
+    *_position_columns(),
     _required("raw", JSONB),
     Index(None, "account", "captured_at"),
 )
@@ -208,12 +216,7 @@ archived_positions = Table(
     Column("account", Text, primary_key=True),
     Column("subaccount_number", Integer, primary_key=True),
     Column("ticker", Text, primary_key=True),
-    _optional("position_fp", Contracts),
-    _optional("market_exposure_dollars", Dollars),
-    _optional("realized_pnl_dollars", Dollars),
-    _optional("fees_paid_dollars", Dollars),
-    _optional("total_traded_dollars", Dollars),
-    _optional("last_updated_ts", Timestamp),
+    *_position_columns(),
     _required("raw", JSONB),
     _required("first_synced_at", Timestamp, server_default=NOW),
     _required("synced_at", Timestamp, server_default=NOW),

@@ -435,17 +435,20 @@ class KalshiClient:
         except StopIteration:
             return
         except ApiStatusError as exc:
-            if exc.status not in NOT_SERVED:
-                raise
-            self._unserved.add(path)
-            if path not in _UNSERVED:
-                _UNSERVED.add(path)
-                log.info(
-                    "GET /%s is not served by this server (%d): nothing to read", path, exc.status
-                )
+            self._not_served(path, exc)
             return
         yield first
         yield from pages
+
+    def _not_served(self, path: str, exc: ApiStatusError) -> None:
+        """Note that the server does not serve ``path`` (said once per process); re-raise
+        ``exc`` when it means anything else."""
+        if exc.status not in NOT_SERVED:
+            raise exc
+        self._unserved.add(path)
+        if path not in _UNSERVED:
+            _UNSERVED.add(path)
+            log.info("GET /%s is not served by this server (%d): nothing to read", path, exc.status)
 
     def iter_object(self, path: str, **filters: Any) -> Iterator[Page]:
         """An endpoint that answers one object (``portfolio/balance``) as a page of one item;
@@ -454,14 +457,7 @@ class KalshiClient:
         try:
             body = self._get_json(path, params=_drop_none(**filters), cost=SINGLE_COST)
         except ApiStatusError as exc:
-            if exc.status not in NOT_SERVED:
-                raise
-            self._unserved.add(path)
-            if path not in _UNSERVED:
-                _UNSERVED.add(path)
-                log.info(
-                    "GET /%s is not served by this server (%d): nothing to read", path, exc.status
-                )
+            self._not_served(path, exc)
             return
         yield Page(items=[body], cursor=None)
 

@@ -243,3 +243,15 @@ def test_our_pnl_agrees_with_kalshis_positions_and_settlements_and_differences_a
         found = check_money(conn, ACCOUNT)
     assert found.markets_differing == 1 and exchange.tickers[-1] in found.market_examples[0]
     assert found.settlements_differing >= 1 and "revenue" in found.settlement_examples[0]
+
+
+def test_the_money_commands_on_an_account_with_no_data_yet_say_so_in_one_line(live_simulator):
+    for command in (["books"], ["pnl"], ["report"]):
+        done = subprocess.run(
+            [*CLI, *command], env=live_simulator.env, capture_output=True, text=True
+        )
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.strip().splitlines() == [
+            "kalshi-etl: error: no account has fills, settlements or a balance yet: run "
+            "kalshi-etl sync"
+        ]

@@ -148,7 +148,7 @@ def fill_sequences(draw: st.DrawFn) -> list[LotFill]:
     return fills
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(fill_sequences())
 def test_realized_less_open_cost_equals_the_cash_flows_and_fees_are_conserved(fills):
     lots = lots_of(fills)

@@ -13,6 +13,7 @@ from tests.soak.driver import SoakConfig, run_soak
 
 @pytest.mark.slow
 @pytest.mark.long
+@pytest.mark.timeout(300)  # 20 s of faults, the calm, the catch-up, then verify of every stream
 def test_a_short_soak_converges_with_nothing_lost_and_no_run_overlapping(
     tmp_path, account_keys, capsys
 ):
