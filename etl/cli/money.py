@@ -46,7 +46,8 @@ TOP = 5
 
 
 def _accounts(settings: Settings, engine: Engine, name: str | None) -> list[str]:
-    """``--account NAME`` (checked), else every account with money data."""
+    """``--account NAME`` (checked), else every account with money data (else the configured
+    ones)."""
     if migrations.current_revision(engine) != migrations.head_revision():
         raise ConfigError("the schema is not current: run kalshi-etl migrate first")
     if name is not None:
@@ -61,8 +62,13 @@ def _accounts(settings: Settings, engine: Engine, name: str | None) -> list[str]
                 )
             ).scalars()
         )
+    if not names:  # nothing synced yet: the configured accounts, whose money is all zero
+        names = [a.name for a in settings.accounts()]
     if not names:
-        raise ConfigError("no account has fills, settlements or a balance yet: run kalshi-etl sync")
+        raise ConfigError(
+            "no account has fills, settlements or a balance yet, and none is configured: "
+            "run kalshi-etl sync"
+        )
     return names
 
 
