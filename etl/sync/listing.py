@@ -1,5 +1,6 @@
-"""Sync any :class:`~etl.streams.Listing` (fills, settlements…): the engine's pull for each
-partition, then the watermark, in one recorded run under the stream's lock.
+"""Sync any :class:`~etl.streams.Listing` (fills, settlements, positions, balance, cash): the
+engine's pull for each partition, then the watermark, in one recorded run under the stream's
+lock; and :func:`backfill_listing`, the same listings read in time windows.
 
 One run:
 
@@ -11,7 +12,10 @@ One run:
 3. each partition's live listing, with ``min_ts`` = watermark − lookback after the first run
    (``incremental`` streams); then, where the stream has a historical tier, that tier for the
    span the cutoff hides from the live one (all of it on the first run): read after the live
-   pull, so that records moving between tiers meanwhile are found;
+   pull, so that records moving between tiers meanwhile are found. The stream's companion
+   listings (``also``) follow in the same partition. An endpoint of one object (balance) is a
+   page of one record; snapshots are stamped with the run's start. A snapshot series that a
+   complete listing (nothing rejected) no longer lists gets its closing row;
 4. the watermark, once every listing has been read to its end.
 """
 
