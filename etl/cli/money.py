@@ -23,7 +23,7 @@ from etl.config import Settings, parse_time
 from etl.db import migrations
 from etl.db.engine import connection
 from etl.errors import ConfigError
-from etl.money.books import dollars
+from etl.money.books import dollars, unsettled_markets
 
 # Kalshi's tax export, in KALSHI.md's order (then ours).
 CSV_COLUMNS = (
@@ -176,28 +176,7 @@ def _pnl_lines(
         ),
         params,
     ).all()
-    unsettled = (
-        conn.execute(
-            sa.text(
-                """
-            SELECT DISTINCT l.ticker FROM pnl_lots l
-            WHERE l.account = :account AND l.close_time IS NULL
-              AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.account = l.account
-                              AND s.subaccount_number = l.subaccount_number
-                              AND s.ticker = l.ticker)
-              AND (EXISTS (SELECT 1 FROM archived_positions a WHERE a.account = l.account
-                           AND a.subaccount_number = l.subaccount_number AND a.ticker = l.ticker)
-                   OR (SELECT p.position_fp FROM position_snapshots p
-                       WHERE p.account = l.account AND p.subaccount_number = l.subaccount_number
-                       AND p.ticker = l.ticker ORDER BY p.captured_at DESC LIMIT 1) = 0)
-            ORDER BY 1
-            """
-            ),
-            {"account": account},
-        )
-        .scalars()
-        .all()
-    )
+    unsettled = sorted({row.ticker for row in unsettled_markets(conn, account)})
     with_fees, before_fees, fees, lots = total
     won = sum(1 for m in markets if m.pnl > 0)
     when = f" in {year}" if year is not None else ""

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -192,6 +193,14 @@ _UNSETTLED = sa.text(
 )
 
 
+def unsettled_markets(
+    conn: Connection, account: str, *, limit: int | None = None
+) -> list[sa.Row[Any]]:
+    """The markets (``subaccount_number, ticker, cost``) whose lots are still open although
+    Kalshi reports them closed or archived, and no settlement was captured: costliest first."""
+    return list(conn.execute(_UNSETTLED, {"account": account, "limit": limit}).all())
+
+
 def explain(conn: Connection, account: str, *, limit: int = 5) -> list[Gap]:
     """The movements most likely missing: fills of orders that do not add up to the order's
     fill count (with the order's cost and fees they lack), and markets whose lots are open
@@ -205,7 +214,7 @@ def explain(conn: Connection, account: str, *, limit: int = 5) -> list[Gap]:
                 Decimal(row.cost),
             )
         )
-    for row in conn.execute(_UNSETTLED, {"account": account, "limit": limit}):
+    for row in unsettled_markets(conn, account, limit=limit):
         gaps.append(
             Gap(
                 f"market {row.ticker} (subaccount {row.subaccount_number}): closed or archived "

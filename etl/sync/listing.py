@@ -66,6 +66,27 @@ def rows_of(stream: Listing, account: str, records: Sequence[Any]) -> list[dict[
     return [{"account": account, **{c: getattr(r, c) for c in stream.columns}} for r in records]
 
 
+def write_listed(
+    conn: Connection,
+    stream: Listing,
+    account: str,
+    records: Sequence[Any],
+    *,
+    synced_at: datetime,
+    one_by_one: bool,
+) -> tuple[Counts, list[Rejected]]:
+    """Write parsed ``records`` of ``stream`` by its rule (REST pages and WebSocket messages
+    alike), in the caller's transaction; returns the counts and what PostgreSQL refused."""
+    return write_records(
+        conn,
+        records,
+        lambda c, batch: write_rows(
+            c, stream.rule, rows_of(stream, account, batch), synced_at=synced_at
+        ),
+        one_by_one=one_by_one,
+    )
+
+
 def listing_sink(
     stream: Listing, *, subaccount: int | None = None, captured_at: datetime | None = None
 ) -> Sink[Any]:
@@ -75,13 +96,12 @@ def listing_sink(
     def write(
         conn: Connection, run: Run, good: Sequence[Any], one_by_one: bool
     ) -> tuple[Counts, list[Rejected]]:
-        synced_at = captured_at or utcnow()
-        return write_records(
+        return write_listed(
             conn,
+            stream,
+            run.account,
             good,
-            lambda c, batch: write_rows(
-                c, stream.rule, rows_of(stream, run.account, batch), synced_at=synced_at
-            ),
+            synced_at=captured_at or utcnow(),
             one_by_one=one_by_one,
         )
 

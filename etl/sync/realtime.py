@@ -43,7 +43,7 @@ from etl import metrics
 from etl.db.engine import connection, transaction
 from etl.db.state import live_stream, read_state, write_state
 from etl.db.upsert import Counts, insert_rejected, refusal_safe, upsert_orders, write_records
-from etl.db.write import ChangeOnly, write_rows, write_snapshots
+from etl.db.write import ChangeOnly, write_snapshots
 from etl.errors import DatabaseError, EtlError, LockBusyError, StopRequested
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.client import KalshiClient
@@ -57,7 +57,7 @@ from etl.kalshi.stream import MESSAGE_TYPES, AccountStream, StreamPolicy
 from etl.streams.fills import FILLS
 from etl.streams.positions import POSITIONS
 from etl.streams.registry import CHANNEL_OF
-from etl.sync.listing import rows_of, sync_listing
+from etl.sync.listing import rows_of, sync_listing, write_listed
 from etl.sync.orders import SyncResult, sync_orders
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,7 @@ def _write_orders(
 def _write_fills(
     conn: Connection, records: Sequence[Fill], account: str, now: datetime, one_by_one: bool
 ) -> tuple[Counts, list[Rejected]]:
-    return write_records(
-        conn,
-        records,
-        lambda c, rs: write_rows(c, FILLS.rule, rows_of(FILLS, account, rs), synced_at=now),
-        one_by_one=one_by_one,
-    )
+    return write_listed(conn, FILLS, account, records, synced_at=now, one_by_one=one_by_one)
 
 
 def _sync_fills(
