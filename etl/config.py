@@ -35,7 +35,8 @@ class Account:
     private_key_path: Path | None = None
     private_key_pem: str | None = field(default=None, repr=False)
     api_base: str = PRODUCTION_API_BASE
-    read_tokens_per_second: float = 200.0
+    # None: the key's own budget, asked of the API (GET /account/limits).
+    read_tokens_per_second: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Settings:
     api_key_id: str | None = None
     private_key_path: Path | None = None
     private_key_pem: str | None = field(default=None, repr=False)
-    read_tokens_per_second: float = 200.0
+    read_tokens_per_second: float | None = None  # None: the key's budget (GET /account/limits)
     page_size: int | Literal["auto"] = "auto"
     lookback: timedelta = timedelta(minutes=5)
     log_format: LogFormat = "text"
@@ -225,7 +226,7 @@ _NAME = re.compile(r"^[^\s\x00-\x1f]{1,100}$")
 
 
 def read_accounts_file(
-    path: Path, *, api_base: str, read_tokens_per_second: float
+    path: Path, *, api_base: str, read_tokens_per_second: float | None
 ) -> tuple[Account, ...]:
     """The ``[[account]]`` entries of the TOML file at ``path``, validated.
 
@@ -278,7 +279,9 @@ def read_accounts_file(
         if (key_path is None) == (pem is None):
             raise ConfigError(f"{where}: set exactly one of private_key_path and private_key")
         tokens = entry.get("read_tokens_per_second", read_tokens_per_second)
-        if isinstance(tokens, bool) or not isinstance(tokens, int | float) or tokens < 0:
+        if tokens is not None and (
+            isinstance(tokens, bool) or not isinstance(tokens, int | float) or tokens < 0
+        ):
             raise ConfigError(f"{where}: read_tokens_per_second must be a number >= 0")
         accounts.append(
             Account(
@@ -287,7 +290,7 @@ def read_accounts_file(
                 private_key_path=(path.parent / Path(key_path).expanduser()) if key_path else None,
                 private_key_pem=pem,
                 api_base=_api_base(text("api_base", where=where) or api_base, f"{where}: api_base"),
-                read_tokens_per_second=float(tokens),
+                read_tokens_per_second=None if tokens is None else float(tokens),
             )
         )
     for attribute in ("name", "key_id"):
@@ -300,7 +303,7 @@ def read_accounts_file(
     return tuple(accounts)
 
 
-def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+def _positive_float(env: Mapping[str, str], name: str, default: float | None) -> float | None:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -377,7 +380,7 @@ def from_env(env: Mapping[str, str], *, demo: bool = False, cwd: Path | None = N
         DEMO_API_BASE if demo else (get("KALSHI_API_BASE") or PRODUCTION_API_BASE),
         "KALSHI_API_BASE",
     )
-    read_tokens = _positive_float(env, "KALSHI_READ_TOKENS_PER_SECOND", 200.0)
+    read_tokens = _positive_float(env, "KALSHI_READ_TOKENS_PER_SECOND", None)
     accounts_file = Path(raw).expanduser() if (raw := get("KALSHI_ETL_ACCOUNTS")) else None
     file_accounts = (
         read_accounts_file(accounts_file, api_base=api_base, read_tokens_per_second=read_tokens)

@@ -24,7 +24,7 @@ def test_defaults_follow_the_contract():
     settings = from_env({})
     assert settings.database_url is None
     assert settings.api_base == PRODUCTION_API_BASE
-    assert settings.read_tokens_per_second == 200
+    assert settings.read_tokens_per_second is None  # the key's budget, asked of the API
     assert settings.page_size == "auto"
     assert settings.metrics_port is None
     assert settings.lookback == timedelta(minutes=5)
@@ -174,7 +174,7 @@ def test_an_accounts_file_names_each_account_with_its_own_key_api_and_budget(tmp
         "key-main",
         tmp_path / "keys" / "main.pem",  # relative to the file
     )
-    assert main.api_base == settings.api_base and main.read_tokens_per_second == 200.0
+    assert main.api_base == settings.api_base and main.read_tokens_per_second is None
     assert desk.private_key_pem is not None and desk.private_key_path is None
     assert desk.api_base == "https://demo-api.kalshi.co/trade-api/v2"
     assert desk.read_tokens_per_second == 400.0

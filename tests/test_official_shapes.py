@@ -135,3 +135,15 @@ def test_positions_balances_and_cash_movements_are_valid_sdk_responses(sdk_clien
     ]
     assert len(deposits) + len(withdrawals) + len(transfers) == len(exchange.money.cash)
     assert {d.status for d in deposits} == {"applied", "pending"}
+
+
+def test_account_limits_and_endpoint_costs_are_valid_sdk_responses(sdk_client):
+    _, client = sdk_client
+    limits = models.GetAccountApiLimitsResponse.from_dict(
+        client._get_json("account/limits")  # noqa: SLF001
+    )
+    assert limits.read.refill_rate > 0 and limits.read.bucket_capacity >= limits.read.refill_rate
+    costs = models.GetAccountEndpointCostsResponse.from_dict(
+        client._get_json("account/endpoint_costs")  # noqa: SLF001
+    )
+    assert costs.default_cost == 10

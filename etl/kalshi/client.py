@@ -31,7 +31,14 @@ import httpx
 import orjson
 
 from etl import metrics
-from etl.errors import ApiProtocolError, ApiStatusError, ApiTransportError, StopRequested
+from etl.errors import (
+    ApiError,
+    ApiProtocolError,
+    ApiStatusError,
+    ApiTransportError,
+    StopRequested,
+)
+from etl.kalshi import budget
 from etl.kalshi.parse import plain_body, screened_body
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,14 @@ class TokenBucket:
             self._tokens = max(0.0, self._tokens - cost)
             return 0.0
         return (cost - self._tokens) / self.rate
+
+    def set_rate(self, rate: float, burst: float) -> None:
+        """A new budget from now on (the tokens held so far kept, within the new burst)."""
+        with self._lock:
+            self._take(0.0)
+            self.rate = rate
+            self.capacity = burst
+            self._tokens = min(self._tokens, burst)
 
     def try_acquire(self, cost: float) -> bool:
         """Take ``cost`` tokens if they are there now; never waits."""
@@ -309,7 +324,10 @@ class KalshiClient:
         base_url: API root including ``/trade-api/v2``.
         auth: signs requests; ``None`` only for unauthenticated endpoints in tests.
         transport: an httpx transport (the simulator's, a mock); default is the network.
-        tokens_per_second: client-side read budget (0 = unlimited).
+        tokens_per_second: client-side read budget (0 = unlimited); ``None`` asks the server
+            for the key's budget (``GET /account/limits``) before the first call, the Basic
+            tier's where it does not say. Endpoint costs are then asked for too
+            (``GET /account/endpoint_costs``).
         page_size: ``limit`` sent with list calls (never more than an endpoint's own cap,
             :data:`MAX_PAGE_SIZE`); ``"auto"`` sends 1000 until the server refuses it with a
             400, then 200 to that endpoint for the life of the client (the others keep 1000).
@@ -328,7 +346,7 @@ class KalshiClient:
         *,
         auth: httpx.Auth | None,
         transport: httpx.BaseTransport | None = None,
-        tokens_per_second: float = 200.0,
+        tokens_per_second: float | None = 200.0,
         page_size: PageSize = "auto",
         retry: RetryPolicy = RetryPolicy(),
         timeout: float = 20.0,
@@ -352,8 +370,17 @@ class KalshiClient:
         self._sleep = sleep
         self._rng = rng
         self.bucket = TokenBucket.for_client(
-            tokens_per_second, sleep=self._pause, clock=bucket_clock
+            budget.BASIC_TOKENS_PER_SECOND if tokens_per_second is None else tokens_per_second,
+            sleep=self._pause,
+            clock=bucket_clock,
         )
+        self._learn_budget = tokens_per_second is None
+        self._learn_lock = threading.Lock()
+        self.costs = budget.EndpointCosts()
+        self.limits: budget.Limits | None = None
+        # Seconds a list call takes, request to last byte (an exponential moving average):
+        # with the budget, how many listings it takes to keep the budget busy.
+        self.list_seconds: float | None = None
         self._http = httpx.Client(
             base_url=self.base_url + "/",
             auth=auth,
@@ -455,7 +482,7 @@ class KalshiClient:
         nothing where the server does not serve it (logged once per process, as for
         :meth:`iter_pages`)."""
         try:
-            body = self._get_json(path, params=_drop_none(**filters), cost=SINGLE_COST)
+            body = self._get_json(path, params=_drop_none(**filters), cost=LIST_COST)
         except ApiStatusError as exc:
             self._not_served(path, exc)
             return
@@ -587,7 +614,7 @@ class KalshiClient:
     def _optional_json(self, path: str) -> dict[str, Any] | None:
         """An object from an endpoint a server may lack: ``None`` on 404, 405 or 501."""
         try:
-            body = self._get_json(path, cost=SINGLE_COST)
+            body = self._get_json(path, cost=LIST_COST)
         except ApiStatusError as exc:
             if exc.status in NOT_SERVED:
                 return None
@@ -681,19 +708,25 @@ class KalshiClient:
         params: Mapping[str, Any] | None,
         cost: int,
         endpoint: str | None = None,
+        attempts: int | None = None,
     ) -> Answer:
-        """One call, retried; ``endpoint`` is the route template the metrics count it under
-        (the path itself when it holds no id)."""
+        """One call, retried (at most ``attempts`` tries when given); ``endpoint`` is the
+        route template the metrics count it under (the path itself when it holds no id), and
+        whose token cost it spends."""
+        if self._learn_budget:
+            self._read_budget()
         started = time.monotonic()
         shown = "/" + path.split("?", 1)[0]
         endpoint = endpoint or shown
+        cost = self.costs.of(method, endpoint, cost)
         host = self._http.base_url.host
-        for attempt in range(self._retry.max_attempts):
+        for attempt in range(attempts or self._retry.max_attempts):
             if self._cancel is not None and self._cancel.is_set():
                 raise StopRequested("stopped before calling the Kalshi API")
             self.bucket.acquire(cost)
             retry_after: float | None = None
-            attempts = self._retry.max_attempts
+            tries = attempts or self._retry.max_attempts
+            sent = time.monotonic()
             try:
                 answer = self._exchange(method, path, params)
             except _RETRYABLE_TRANSPORT as exc:
@@ -705,7 +738,7 @@ class KalshiClient:
                 )
                 cause: Exception = exc
                 if isinstance(exc, httpx.ConnectError):
-                    attempts = min(attempts, self._retry.connect_attempts)
+                    tries = min(tries, self._retry.connect_attempts)
             except httpx.TransportError as exc:
                 metrics.api_response(endpoint, "error")
                 raise ApiTransportError(
@@ -721,6 +754,8 @@ class KalshiClient:
             else:
                 metrics.api_response(endpoint, answer.status)
                 if answer.status < 400:
+                    if cost >= LIST_COST:
+                        self._timed(time.monotonic() - sent)
                     return answer
                 code, message = error_details(answer.content.decode("utf-8", errors="replace"))
                 failure = ApiStatusError(
@@ -734,7 +769,7 @@ class KalshiClient:
             delay = (
                 retry_after if retry_after is not None else self._retry.backoff(attempt, self._rng)
             )
-            last = attempt >= attempts - 1
+            last = attempt >= tries - 1
             if last or time.monotonic() - started + delay > self._retry.max_total:
                 if failure is cause:
                     raise failure
@@ -748,11 +783,48 @@ class KalshiClient:
                 shown,
                 failure,
                 attempt + 1,
-                attempts - 1,
+                tries - 1,
                 delay,
             )
             self._pause(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _timed(self, seconds: float) -> None:
+        previous = self.list_seconds
+        self.list_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def _read_budget(self) -> None:
+        """Set the bucket from the key's budget (``GET /account/limits``) and the costs from
+        ``GET /account/endpoint_costs``, once, before the first other call. A server that does
+        not answer them leaves the Basic budget and KALSHI.md's costs, said in one line."""
+        with self._learn_lock:
+            if not self._learn_budget:
+                return
+            self._learn_budget = False
+            try:
+                answer = self._request(
+                    "GET", "account/limits", params=None, cost=LIST_COST, attempts=2
+                )
+                self.limits = budget.read_limits(_decode(answer, "account/limits"))
+            except (ApiError, ValueError) as exc:
+                if isinstance(exc, ApiStatusError) and exc.status in (401, 403):
+                    return  # a key the API refuses: the call that follows says so
+                log.warning(
+                    "the key's read budget is not known (GET /account/limits: %s); using the "
+                    "Basic tier's %g tokens/s (set KALSHI_READ_TOKENS_PER_SECOND to change it)",
+                    exc,
+                    budget.BASIC_TOKENS_PER_SECOND,
+                )
+                return
+            self.bucket.set_rate(*budget.client_budget(self.limits))
+            try:
+                answer = self._request(
+                    "GET", "account/endpoint_costs", params=None, cost=LIST_COST, attempts=2
+                )
+                self.costs = budget.read_endpoint_costs(_decode(answer, "account/endpoint_costs"))
+            except (ApiError, ValueError) as exc:
+                log.debug("endpoint costs not served (%s): using KALSHI.md's", exc)
+            log.info("read budget: %s, from GET /account/limits", budget.describe(self.limits))
 
     def _exchange(self, method: str, path: str, params: Mapping[str, Any] | None) -> Answer:
         """One HTTP exchange, its body read within the deadline and the size cap."""

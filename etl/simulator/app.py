@@ -75,6 +75,7 @@ class SimulatorApp:
         advance: play trading events up to the wall clock on each request.
         bucket_clock: monotonic seconds for the token buckets (a test can share one fake clock
             between the client and the server).
+        serve_limits: answer ``GET /account/limits`` and ``/account/endpoint_costs``.
     """
 
     def __init__(
@@ -90,8 +91,11 @@ class SimulatorApp:
         bucket_clock: Callable[[], float] = time.monotonic,
         exchanges: Mapping[str, Exchange] | None = None,
         stream_ping_interval: float = 10.0,
+        serve_limits: bool = True,
     ) -> None:
         self.exchange = exchange
+        # GET /account/limits and /account/endpoint_costs (404 when False, like an older API).
+        self.serve_limits = serve_limits
         self.exchanges = dict(exchanges or {})
         self.public_keys = dict(public_keys)
         self.faults = faults or Faults()
@@ -314,6 +318,8 @@ class SimulatorApp:
             return {cash[1]: rows, "cursor": cursor}
         if route == "/exchange/user_data_timestamp":
             return {"as_of_time": rfc3339(ex.user_data_timestamp())}
+        if route in ("/account/limits", "/account/endpoint_costs") and self.serve_limits:
+            return self._limits() if route == "/account/limits" else _ENDPOINT_COSTS
         parts = route.split("/")
         if len(parts) == 4 and parts[1:3] == ["portfolio", "orders"]:
             return {"order": ex.get_order(unquote(parts[3]))}
@@ -324,6 +330,16 @@ class SimulatorApp:
         ):
             return ex.queue_position(unquote(parts[3]))
         raise ApiFault(404, "not_found", f"no route for {route}")
+
+    def _limits(self) -> dict[str, Any]:
+        """The key's budget as ``GET /account/limits`` says it: the bucket this simulator
+        enforces (one without a limit says Prestige's 10,000 tokens/s)."""
+        rate = self._tokens_per_second or 10_000.0
+        tier = max(
+            (t for t in _TIERS if _TIERS[t] <= rate), key=_TIERS.__getitem__, default="basic"
+        )
+        bucket = {"refill_rate": round(rate), "bucket_capacity": round(2 * rate)}
+        return {"usage_tier": tier, "read": bucket, "write": dict(bucket), "grants": []}
 
     def _count_malformed(self, orders: list[dict[str, Any]]) -> None:
         served = sum(1 for order in orders if order.get("status") == "teleported")
@@ -345,6 +361,16 @@ class SimulatorApp:
         broken["status"] = "teleported"  # an enum value no parser knows
         self._count("malformed")
         return [*orders, broken]
+
+
+_TIERS = {"basic": 200, "advanced": 300, "premier": 1_000, "prime": 4_000, "prestige": 10_000}
+# The costs this simulator charges that differ from the default (see SimulatorApp._handle).
+_ENDPOINT_COSTS = {
+    "default_cost": LIST_COST,
+    "endpoint_costs": [
+        {"method": "GET", "path": "/trade-api/v2/portfolio/orders/{order_id}", "cost": SINGLE_COST}
+    ],
+}
 
 
 def _int_param(query: dict[str, str], name: str) -> int | None:
