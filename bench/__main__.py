@@ -32,12 +32,16 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   CPU went (the sync's, the simulator's, PostgreSQL's, from /proc) and the least wall time it
   allows on this machine's cores. Then the 100,000-order loads again against a simulator that
   answers 50 ms later (BENCH_REMOTE_LATENCY; 0 to skip), as an exchange across a network;
-- a rate-limited first load (simulator and client at 200 tokens/s, the Basic tier): list calls
-  per second against the budget's 20, and the 429s received; then the same load without a
-  limit, since only a loader faster than the budget can reach it.
+- a first load at the key's read budget (BENCH_ONLY=budget): for orders and for fills, the
+  first ``kalshi-etl sync`` told nothing of the budget (it reads ``GET /account/limits``)
+  against a simulator 50 ms away enforcing 200 and 1,000 tokens/s: list calls/s as a share of
+  the budget, records/s, 429s received, peak RSS, a sequential fetch-only pass beside it, and
+  the two ceilings measured in the same run, the budget's (list calls/s × page size) and the
+  CPU's (the same load over loopback with no limit), with the one that binds; then one load of
+  1,000,000 orders (BENCH_BUDGET_LARGE) for its peak RSS.
 
 Prints a table with ratios and writes bench/results.json. BENCH_ORDERS sets the account size
-of the detailed part (default 100000); BENCH_ONLY=stream, =load, =fills, =money or =limit runs
+of the detailed part (default 100000); BENCH_ONLY=stream, =load, =fills, =money or =budget runs
 one part alone;
 BENCH_LOAD_SIZES and BENCH_RESTING set the loads (default 100000,1000000 and 0.08,0.35), and
 BENCH_REPEATS the runs of each (default 3 up to 100,000 orders, else 1).
@@ -143,8 +147,8 @@ def run(engine: sa.Engine, n: int) -> int:
     if only == "load":
         print_loads(measure_loads(engine, quick=QUICK))
         return 0
-    if only == "limit":
-        print_limited(measure_limited(engine))
+    if only in ("budget", "limit"):
+        print_budget(measure_budget(engine))
         return 0
     if only == "fills":
         print_fills(measure_fills(engine))
@@ -234,7 +238,7 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     loads = measure_loads(engine, quick=QUICK)
     with_fills = measure_fills(engine)
     money = measure_money(engine)
-    limited = measure_limited(engine)
+    budgeted = measure_budget(engine)
 
     rate = lambda seconds: n / seconds  # noqa: E731
     rows = [
@@ -300,14 +304,14 @@ def measure(engine: sa.Engine, n: int, env: dict[str, str], made: float) -> int:
     print_loads(loads)
     print_fills(with_fills)
     print_money(money)
-    print_limited(limited)
+    print_budget(budgeted)
     RESULTS.write_text(
         json.dumps(
             {
                 "loads": loads,
                 "fills_load": with_fills,
                 "money": money,
-                "rate_limited": limited,
+                "budget": budgeted,
                 "stream": stream,
                 "orders": n,
                 "page_size": PAGE,
@@ -359,9 +363,6 @@ def api_calls(*, list_only: bool = False, status: str | None = None) -> float:
         and (not list_only or sample.labels["endpoint"] in LIST_ENDPOINTS)
         and (status is None or sample.labels["status"] == status)
     )
-
-
-LIST_ENDPOINTS = ("/portfolio/orders", "/historical/orders")
 
 
 def measure_queue(engine: sa.Engine) -> dict[str, Any]:
@@ -488,17 +489,26 @@ import os, resource, sys, time
 from pathlib import Path
 from etl.kalshi.auth import KalshiAuth, read_private_key_file
 from etl.kalshi.client import KalshiClient
-from etl.sync.engine import prefetched
-from etl.sync.orders import SWITCH_INTERVAL, parse_page
+from etl.streams.fills import FILLS
+from etl.sync.engine import prefetched, parse_page
+from etl.sync.listing import listing_sink
+from etl.sync.orders import SWITCH_INTERVAL, orders_sink
 sys.setswitchinterval(SWITCH_INTERVAL)  # as the CLI runs
 key = read_private_key_file(Path(os.environ["KALSHI_PRIVATE_KEY_PATH"]))
 auth = KalshiAuth(os.environ["KALSHI_API_KEY_ID"], key)
+budget = float(os.environ["BENCH_FETCH_BUDGET"])
 started = time.perf_counter()
 parsed = 0
-with KalshiClient(os.environ["KALSHI_API_BASE"], auth=auth, tokens_per_second=0) as c:
-    for pages in (c.iter_order_pages(), c.iter_historical_order_pages()):
+with KalshiClient(os.environ["KALSHI_API_BASE"], auth=auth, tokens_per_second=budget) as c:
+    if os.environ["BENCH_FETCH_STREAM"] == "fills":
+        sink = listing_sink(FILLS)
+        listings = tuple(c.iter_pages(p, "fills") for p in ("portfolio/fills", "historical/fills"))
+    else:
+        sink = orders_sink()
+        listings = (c.iter_order_pages(), c.iter_historical_order_pages())
+    for pages in listings:
         for page in prefetched(pages):
-            parsed += len(parse_page(page.items, screened=page.screened)[0])
+            parsed += len(parse_page(sink, page.items, screened=page.screened)[0])
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(time.perf_counter() - started, parsed, r.ru_utime + r.ru_stime)
 """
@@ -512,13 +522,19 @@ class FetchOnly:
     cpu_seconds: float  # the process's own, start-up included
 
 
-def fetch_only(env: dict[str, str]) -> FetchOnly:
-    """The source's ceiling: every page read and parsed, nothing written, in a process of its
-    own (this one holds what earlier parts parsed, which would slow it)."""
+def fetch_only(env: dict[str, str], *, stream: str = "orders", budget: float = 0.0) -> FetchOnly:
+    """A sequential pass: every page of ``stream`` (both tiers, one cursor at a time) read
+    and parsed, nothing written, in a process of its own (this one holds what earlier parts
+    parsed, which would slow it), under ``budget`` tokens/s (0: none)."""
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", _FETCH_ONLY],
-        env={**os.environ, **env},
+        env={
+            **os.environ,
+            **env,
+            "BENCH_FETCH_STREAM": stream,
+            "BENCH_FETCH_BUDGET": str(budget),
+        },
         capture_output=True,
         text=True,
         check=True,
@@ -578,6 +594,7 @@ def spent(before: float | None, after: float | None) -> float | None:
 _MEASURED_CLI = """
 import json, resource, sys
 from etl.cli import main
+LIST_ENDPOINTS = %r
 code = main(sys.argv[1:])
 r = resource.getrusage(resource.RUSAGE_SELF)
 peak = r.ru_maxrss
@@ -586,22 +603,39 @@ try:
         peak = next(int(x.split()[1]) for x in status if x.startswith("VmHWM:"))
 except (OSError, StopIteration):
     pass
-print("BENCH-RUSAGE " + json.dumps([r.ru_utime + r.ru_stime, peak]), file=sys.stderr)
+from etl import metrics
+calls = {"list": 0.0, "429": 0.0}
+for family in metrics.REGISTRY.collect():
+    if family.name != "kalshi_etl_api_requests":
+        continue
+    for sample in family.samples:
+        if sample.name.endswith("_total"):
+            if sample.labels["endpoint"] in LIST_ENDPOINTS:
+                calls["list"] += sample.value
+            if sample.labels["status"] == "429":
+                calls["429"] += sample.value
+usage = [r.ru_utime + r.ru_stime, peak, calls["list"], calls["429"]]
+print("BENCH-RUSAGE " + json.dumps(usage), file=sys.stderr)
 sys.exit(code)
 """
 
 
-def cli_sync(engine: sa.Engine, env: dict[str, str], streams: str = "orders") -> dict[str, float]:
-    """``kalshi-etl sync --streams STREAMS`` as its own process: wall seconds, and the
-    process's own CPU seconds (start-up included) and peak RSS."""
+def cli_sync(
+    engine: sa.Engine, env: dict[str, str], streams: str = "orders", *, budget: float | None = 0.0
+) -> dict[str, float]:
+    """``kalshi-etl sync --streams STREAMS`` as its own process: wall seconds, the process's
+    own CPU seconds (start-up included), peak RSS, list calls and 429s received. ``budget``:
+    KALSHI_READ_TOKENS_PER_SECOND (None: unset, the key's budget is asked of the API)."""
     started = time.perf_counter()
+    told = {} if budget is None else {"KALSHI_READ_TOKENS_PER_SECOND": f"{budget:g}"}
+    outer = {k: v for k, v in os.environ.items() if k != "KALSHI_READ_TOKENS_PER_SECOND"}
     done = subprocess.run(
-        [sys.executable, "-c", _MEASURED_CLI, "sync", "--streams", streams],
+        [sys.executable, "-c", _MEASURED_CLI % (LIST_ENDPOINTS,), "sync", "--streams", streams],
         env={
-            **os.environ,
+            **outer,
             **env,
             "DATABASE_URL": engine.url.render_as_string(hide_password=False),
-            "KALSHI_READ_TOKENS_PER_SECOND": "0",
+            **told,
         },
         capture_output=True,
         text=True,
@@ -610,8 +644,14 @@ def cli_sync(engine: sa.Engine, env: dict[str, str], streams: str = "orders") ->
     if done.returncode != 0:
         raise RuntimeError(f"sync failed: {done.stderr[-2000:]}")
     line = next(x for x in done.stderr.splitlines() if x.startswith("BENCH-RUSAGE "))
-    cpu, rss_kib = json.loads(line.split(" ", 1)[1])
-    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss_kib / 1024}
+    cpu, rss_kib, list_calls, throttled = json.loads(line.split(" ", 1)[1])
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "peak_rss_mb": rss_kib / 1024,
+        "list_calls": list_calls,
+        "responses_429": throttled,
+    }
 
 
 # Seconds the simulator adds to each answer for the rows that stand for an exchange across a
@@ -989,78 +1029,154 @@ def _where(r: dict[str, Any]) -> str:
     return f"{r['latency'] * 1000:.0f} ms" if r["latency"] else "loopback"
 
 
-LIMITED_ORDERS = 100_000
-BUDGET = 200.0  # tokens a second: the Basic tier
+# A first load at the key's read budget: each stream's first `kalshi-etl sync` against a
+# simulator 50 ms away that enforces a budget (and says so at GET /account/limits), beside
+# the two ceilings measured in the same run: the budget's (list calls/s × page size) and this
+# machine's CPU's (the same load over loopback with no limit).
+BUDGET_RECORDS = int(os.environ.get("BENCH_BUDGET_ORDERS", "100000"))
+BUDGETS = tuple(float(x) for x in os.environ.get("BENCH_BUDGETS", "200,1000").split(","))
+BUDGET_LATENCY = float(os.environ.get("BENCH_BUDGET_LATENCY", "0.05"))
+# One load of this many orders at the highest budget, for its peak RSS (0 skips it).
+BUDGET_LARGE = int(os.environ.get("BENCH_BUDGET_LARGE", "1000000"))
+BUDGET_STREAMS = ("orders", "fills")
+LIST_ENDPOINTS = (
+    "/portfolio/orders",
+    "/historical/orders",
+    "/portfolio/fills",
+    "/historical/fills",
+)
 
 
-def measure_limited(engine: sa.Engine) -> dict[str, Any]:
-    """A first load with the simulator and the client both at the Basic tier's budget, and the
-    same load with no limit: the budget can only be reached by a loader faster than it."""
-    free = _limited_load(engine, 0.0)
-    limited = _limited_load(engine, BUDGET)
-    ceiling = BUDGET / LIST_COST
-    return {
-        "orders": LIMITED_ORDERS,
-        "seconds": limited["seconds"],
-        "list_calls": limited["list_calls"],
-        "list_calls_per_second": limited["list_calls"] / limited["seconds"],
-        "of_budget": limited["list_calls"] / limited["seconds"] / ceiling,
-        "responses_429": limited["responses_429"],
-        "unlimited_seconds": free["seconds"],
-        "unlimited_list_calls_per_second": free["list_calls"] / free["seconds"],
-    }
+def measure_budget(engine: sa.Engine) -> dict[str, Any]:
+    """Per stream: the loopback load with no limit (the CPU's ceiling), then at each budget
+    50 ms away, the median of the repeats; one large load for the peak RSS."""
+    rows: list[dict[str, Any]] = []
+    for stream in BUDGET_STREAMS:
+        free = _budget_case(engine, stream, BUDGET_RECORDS, latency=0.0, budget=0.0)
+        rows.append(free)
+        for budget in BUDGETS:
+            case = _budget_case(
+                engine, stream, BUDGET_RECORDS, latency=BUDGET_LATENCY, budget=budget
+            )
+            ceilings = {
+                "budget": budget / LIST_COST * PAGE,
+                "CPU": free["records_per_second"],
+            }
+            binds = min(ceilings, key=ceilings.__getitem__)
+            case.update(
+                budget_ceiling=ceilings["budget"],
+                cpu_ceiling=ceilings["CPU"],
+                binds=binds,
+                vs_lower_ceiling=case["records_per_second"] / ceilings[binds],
+            )
+            rows.append(case)
+    large = None
+    if BUDGET_LARGE:
+        large = _budget_case(
+            engine, "orders", BUDGET_LARGE, latency=BUDGET_LATENCY, budget=max(BUDGETS), runs=1
+        )
+    return {"page_size": PAGE, "rows": rows, "large": large}
 
 
-def _limited_load(engine: sa.Engine, budget: float) -> dict[str, float]:
-    """One in-process first sync with the simulator and the client at ``budget`` tokens/s (0:
-    no limit): its seconds, list calls and 429s."""
-    reset(engine)
-    home = Path(tempfile.mkdtemp(prefix="ketl-bench-limit-"))
-    at = f"at {budget:.0f} tokens/s" if budget else "without a limit"
-    print(f"  rate-limited load: {LIMITED_ORDERS} orders {at} …", file=sys.stderr)
-    # start_simulator passes --rate-limit 0 first; the later flag wins.
+def _budget_case(
+    engine: sa.Engine,
+    stream: str,
+    n: int,
+    *,
+    latency: float,
+    budget: float,
+    runs: int | None = None,
+) -> dict[str, Any]:
+    home = Path(tempfile.mkdtemp(prefix="ketl-bench-budget-"))
+    times = runs or repeats(n)
+    where = f"{latency * 1000:.0f} ms away at {budget:.0f} tokens/s" if budget else "loopback"
+    print(f"  budget: {stream} of {n:,} orders, {where}, {times}× …", file=sys.stderr, flush=True)
     simulator, env = start_simulator(
         home,
-        *("--orders", str(LIMITED_ORDERS), "--seed", "9", "--events-per-second", "0"),
-        *("--rate-limit", str(budget)),
+        *("--orders", str(n), "--seed", "42", "--events-per-second", "0"),
+        *("--latency", str(latency), "--rate-limit", str(budget)),
     )
-    key = read_private_key_file(Path(env["KALSHI_PRIVATE_KEY_PATH"]))
-    lists_before, throttled_before = api_calls(list_only=True), api_calls(status="429")
+    table = "orders" if stream == "orders" else "fills"
+    trials = []
     try:
-        with KalshiClient(
-            env["KALSHI_API_BASE"],
-            auth=KalshiAuth(env["KALSHI_API_KEY_ID"], key),
-            tokens_per_second=budget,
-        ) as c:
-            seconds, _ = timed(
-                "  rate-limited first sync" if budget else "  the same, no limit",
-                lambda: sync_orders(engine, c, account="lim"),
-            )
+        for _ in range(times):
+            reset(engine)
+            fetched = fetch_only(env, stream=stream, budget=budget) if budget else None
+            # Told nothing, the sync reads the key's budget at GET /account/limits.
+            sync = cli_sync(engine, env, stream, budget=None if budget else 0.0)
+            with engine.connect() as conn:
+                stored = conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+            trials.append((fetched, sync, stored))
     finally:
         simulator.terminate()
         simulator.communicate(timeout=60)
+    records = trials[-1][2]
+    assert all(t[2] == records for t in trials), [t[2] for t in trials]
+    seconds = statistics.median(t[1]["seconds"] for t in trials)
+    calls = statistics.median(t[1]["list_calls"] for t in trials)
+    fetch = [t[0] for t in trials if t[0] is not None]
     return {
+        "stream": stream,
+        "orders": n,
+        "records": records,
+        "latency": latency,
+        "budget": budget,
+        "runs": times,
         "seconds": seconds,
-        "list_calls": api_calls(list_only=True) - lists_before,
-        "responses_429": api_calls(status="429") - throttled_before,
+        "records_per_second": records / seconds,
+        "list_calls": calls,
+        "list_calls_per_second": calls / seconds,
+        "of_budget": (calls / seconds) / (budget / LIST_COST) if budget else None,
+        "responses_429": max(t[1]["responses_429"] for t in trials),
+        "peak_rss_mb": max(t[1]["peak_rss_mb"] for t in trials),
+        "cpu_us_per_record": statistics.median(t[1]["cpu_seconds"] for t in trials) / records * 1e6,
+        "sequential_fetch_per_second": (
+            records / statistics.median(f.seconds for f in fetch) if fetch else None
+        ),
     }
 
 
-def print_limited(r: dict[str, Any]) -> None:
+def print_budget(r: dict[str, Any]) -> None:
     print()
     print(
-        f"rate-limited first load ({r['orders']:,} orders; simulator and client at "
-        f"{BUDGET:.0f} tokens/s, a list call 10): {r['list_calls']:.0f} list calls in "
-        f"{r['seconds']:.1f}s = {r['list_calls_per_second']:.1f}/s, "
-        f"{r['of_budget']:.2f} of the budget's {BUDGET / LIST_COST:.0f}/s; "
-        f"429s received: {r['responses_429']:.0f}\n"
-        f" the same load without a limit: {r['unlimited_list_calls_per_second']:.1f} list calls/s "
-        f"({r['unlimited_seconds']:.1f}s): the budget "
-        + (
-            "is the limit"
-            if r["unlimited_list_calls_per_second"] > BUDGET / LIST_COST
-            else "is out of this machine's reach"
+        f"first load at the key's read budget: `kalshi-etl sync --streams S` told nothing (it "
+        f"reads GET /account/limits), a simulator {BUDGET_LATENCY * 1000:.0f} ms away enforcing "
+        f"the budget, page size {r['page_size']}; median of the runs"
+    )
+    print(
+        f"{'stream':<8}{'exchange':>10}{'budget':>8}{'calls/s':>9}{'of budget':>10}"
+        f"{'records/s':>11}{'429s':>6}{'peak RSS':>10}{'seq. fetch/s':>14}"
+        f"{'budget ceil.':>13}{'CPU ceil.':>11}{'binds':>8}{'× lower':>9}"
+    )
+    for row in r["rows"]:
+        budget = f"{row['budget']:.0f}" if row["budget"] else "none"
+        of_budget = f"{row['of_budget']:.2f}" if row["of_budget"] is not None else "-"
+        seq = row["sequential_fetch_per_second"]
+        print(
+            f"{row['stream']:<8}{_where(row):>10}{budget:>8}{row['list_calls_per_second']:>9.1f}"
+            f"{of_budget:>10}{row['records_per_second']:>11,.0f}{row['responses_429']:>6.0f}"
+            f"{row['peak_rss_mb']:>7.0f} MB"
+            + (f"{seq:>14,.0f}" if seq else f"{'-':>14}")
+            + (
+                f"{row['budget_ceiling']:>13,.0f}{row['cpu_ceiling']:>11,.0f}{row['binds']:>8}"
+                f"{row['vs_lower_ceiling']:>9.2f}"
+                if "binds" in row
+                else f"{'-':>13}{'(CPU ceiling: this row)':>28}"
+            )
         )
+    large = r.get("large")
+    if large:
+        print(
+            f"{large['stream']:<8}{_where(large):>10}{large['budget']:>8.0f}"
+            f"{large['list_calls_per_second']:>9.1f}{large['of_budget']:>10.2f}"
+            f"{large['records_per_second']:>11,.0f}{large['responses_429']:>6.0f}"
+            f"{large['peak_rss_mb']:>7.0f} MB   ({large['orders']:,} orders, one run)"
+        )
+    print(
+        "(calls/s: list calls a second; of budget: ÷ the budget's list calls a second; seq.\n"
+        " fetch/s: one cursor at a time, read and parsed, nothing written; budget ceil.: the\n"
+        " budget's list calls a second × the page size; CPU ceil.: the same load over loopback\n"
+        " with no limit; × lower: records/s ÷ the lower ceiling, the one that binds)"
     )
 
 

@@ -38,8 +38,8 @@ from etl.errors import (
     StopRequested,
 )
 from etl.kalshi.client import KalshiClient
-from etl.sync.backfill import BackfillProgress
 from etl.sync.orders import SyncResult
+from etl.sync.partitions import BackfillProgress
 
 
 def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
@@ -320,6 +320,6 @@ def register(commands: Commands) -> None:
     p.add_argument(
         "--concurrency",
         type=number(int, 1, 64),
-        default=4,
-        help="windows fetched at once (default 4)",
+        default=None,
+        help="windows fetched at once (default: as many as keep the key's read budget busy)",
     )

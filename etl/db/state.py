@@ -204,18 +204,25 @@ def live_stream(stream: str) -> str:
     return f"{stream}:stream"
 
 
-def backfill_state(stream: str) -> str:
-    """The ``sync_state`` row of ``stream``'s backfill windows (``fills:backfill``)."""
-    return f"{stream}:backfill"
+# Whose windows a ``sync_state`` row records: a backfill's (kept: any later backfill reuses
+# them), or a first load's (dropped with the watermark that ends the load).
+Scope = Literal["backfill", "load"]
+
+
+def window_state(stream: str, scope: Scope = "backfill") -> str:
+    """The ``sync_state`` row of ``stream``'s windows done (``fills:backfill``,
+    ``orders:load``)."""
+    return f"{stream}:{scope}"
 
 
 def backfill_coverage(
-    conn: Connection, account: str, stream: str = "orders"
+    conn: Connection, account: str, stream: str = "orders", scope: Scope = "backfill"
 ) -> list[tuple[int, int]]:
-    """The time ranges (Unix seconds, half-open) a backfill of ``account``'s ``stream`` has
-    completed, merged. Windows are keyed by their own bounds, so any later backfill, whatever
-    its ``--until``, reuses them. Reads the per-command rows of earlier releases too."""
-    row = backfill_state(stream)
+    """The time ranges (Unix seconds, half-open) the windows of ``account``'s ``stream``
+    done in ``scope`` cover, merged. Windows are keyed by their own bounds, so any later
+    read, whatever its own plan, reuses them. Reads the per-command rows of earlier releases
+    too."""
+    row = window_state(stream, scope)
     rows = conn.execute(
         sa.select(sync_state.c.state).where(
             sync_state.c.account == account,
@@ -245,11 +252,16 @@ def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def mark_window_done(
-    conn: Connection, account: str, start: int, end: int, stream: str = "orders"
+    conn: Connection,
+    account: str,
+    start: int,
+    end: int,
+    stream: str = "orders",
+    scope: Scope = "backfill",
 ) -> None:
     """Record [start, end) of ``stream`` as loaded, atomically with the window's last page.
     Concurrent windows serialise on the state row for the moment of their commit."""
-    row = backfill_state(stream)
+    row = window_state(stream, scope)
     conn.execute(
         pg_insert(sync_state)
         .values(account=account, stream=row, watermark=None, state={"done": []})
@@ -265,7 +277,46 @@ def mark_window_done(
     conn.execute(
         sa.update(sync_state)
         .where(sync_state.c.account == account, sync_state.c.stream == row)
-        .values(state={"done": [list(span) for span in merged]}, updated_at=sa.func.now())
+        .values(
+            state={**(state or {}), "done": [list(span) for span in merged]},
+            updated_at=sa.func.now(),
+        )
+    )
+
+
+def start_load(
+    conn: Connection, account: str, stream: str, as_of: datetime
+) -> tuple[datetime, list[tuple[int, int]]]:
+    """A first load of ``stream`` begins (or resumes): its watermark to be, the earliest
+    ``as_of`` of its attempts (what changed since an interrupted attempt began is the next
+    sync's), and the windows done so far."""
+    row = window_state(stream, "load")
+    conn.execute(
+        pg_insert(sync_state)
+        .values(
+            account=account,
+            stream=row,
+            watermark=as_of,
+            state={"done": []},
+            updated_at=sa.func.now(),
+        )
+        .on_conflict_do_nothing()
+    )
+    began = conn.execute(
+        sa.select(sync_state.c.watermark).where(
+            sync_state.c.account == account, sync_state.c.stream == row
+        )
+    ).scalar_one()
+    return min(began or as_of, as_of), backfill_coverage(conn, account, stream, "load")
+
+
+def end_load(conn: Connection, account: str, stream: str) -> None:
+    """The first load of ``stream`` is complete: its windows are forgotten (in the
+    transaction that writes the stream's watermark)."""
+    conn.execute(
+        sa.delete(sync_state).where(
+            sync_state.c.account == account, sync_state.c.stream == window_state(stream, "load")
+        )
     )
 
 

@@ -22,6 +22,7 @@ stream:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -35,7 +36,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import Connection
 
-from etl.db.state import add_to_run
+from etl.db.state import Scope, add_to_run
 from etl.db.upsert import Counts, insert_rejected, refusal_safe
 from etl.errors import ApiProtocolError
 from etl.kalshi.client import Page
@@ -54,6 +55,7 @@ class Checkpoint:
 
     watermark: datetime | None = None
     window: tuple[int, int] | None = None
+    scope: Scope = "backfill"  # whose window: a backfill's, or a first load's
 
 
 # (connection, run, records, one_by_one) → (what the write did, records PostgreSQL refused)
@@ -216,42 +218,68 @@ def _write(
     return counts
 
 
-class PageWriter(Generic[R]):
+class PageWriter:
     """Writes parsed pages on threads of their own, each page in its own transaction on its
     own connection, so that a page's database work overlaps the parsing (and fetching) of the
-    next and PostgreSQL writes ``depth`` pages at once. Pages may commit out of order: each
-    is whole by itself and the stream's write rule holds whatever the order; a listing's
-    checkpoint is written only after :meth:`close`. :meth:`submit` waits while ``depth``
-    writes are in flight, and raises the error of a write that failed.
+    next and PostgreSQL writes ``depth`` pages at once. One writer may serve several listings
+    read at once (a partitioned read): :meth:`submit` is thread-safe and waits while ``depth``
+    writes are in flight, which bounds the pages held in memory whatever the number of
+    listings. Pages may commit out of order: each is whole by itself and the stream's write
+    rule holds whatever the order; a listing's checkpoint is written only once its own
+    pages are committed (:meth:`Pages.wait`).
     """
 
-    def __init__(self, run: Run, sink: Sink[R], *, depth: int = 2) -> None:
+    def __init__(self, run: Run, *, depth: int = 2) -> None:
         self.run = run
-        self.sink = sink
-        self.counts = Counts()
-        self._depth = depth
+        self._slots = threading.BoundedSemaphore(depth)
         self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="page-writer")
-        self._pending: deque[Future[Counts]] = deque()
 
-    def submit(self, good: list[R], bad: list[Rejected]) -> None:
-        while len(self._pending) >= self._depth:
-            self._settle(self._pending.popleft())
-        self._pending.append(self._pool.submit(write_parsed, self.run, self.sink, good, bad))
-
-    def wait(self) -> None:
-        """Wait for every write in flight (committed, or the first error raised here)."""
-        while self._pending:
-            self._settle(self._pending.popleft())
-
-    def _settle(self, pending: Future[Counts]) -> None:
-        self.counts += pending.result()
+    def submit(self, sink: Sink[R], good: list[R], bad: list[Rejected]) -> Future[Counts]:
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(write_parsed, self.run, sink, good, bad)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return future
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> PageWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Pages:
+    """The writes of one listing's pages on a (maybe shared) :class:`PageWriter`: their
+    counts, and the first error, raised at the next submit or at :meth:`wait`."""
+
+    def __init__(self, writer: PageWriter, sink: Sink[R]) -> None:
+        self.writer = writer
+        self.sink = sink
+        self.counts = Counts()
+        self._pending: deque[Future[Counts]] = deque()
+
+    def submit(self, good: list[Any], bad: list[Rejected]) -> None:
+        while self._pending and self._pending[0].done():
+            self.counts += self._pending.popleft().result()
+        self._pending.append(self.writer.submit(self.sink, good, bad))
+
+    def wait(self) -> None:
+        """Wait for every write in flight (committed, or the first error raised here; the
+        others still end before this returns)."""
         try:
-            self.wait()
-        finally:  # after an error, the other writes in flight end before the pull does
+            while self._pending:
+                self.counts += self._pending.popleft().result()
+        finally:
+            for other in self._pending:
+                with contextlib.suppress(Exception):
+                    other.result()
             self._pending.clear()
-            self._pool.shutdown(wait=True)
 
 
 def keep_unparseable_body(run: Run, stream: str, exc: ApiProtocolError) -> None:
@@ -284,36 +312,45 @@ def pull(
     label: str,
     on_page: PageCallback | None = None,
     on_records: Callable[[list[R]], None] | None = None,
+    writer: PageWriter | None = None,
+    progress: bool = True,
 ) -> Counts:
     """Write every page of one listing, each in its own transaction; once the listing has
     been read to its end, write ``checkpoint``. ``on_records`` sees each page's parsed
-    records (what a stream collects on the way, e.g. the open orders listed).
+    records (what a stream collects on the way, e.g. the open orders listed). ``writer``:
+    the run's shared page writer (a partitioned read), else one of the pull's own;
+    ``progress``: log this listing's progress (a partitioned read logs its own).
 
     Raises:
         StopRequested: a stop was asked for; the pages in flight were committed first.
     """
-    progress = Progress(label, noun=sink.noun)
+    shown = Progress(label, noun=sink.noun, every=5.0 if progress else float("inf"))
     iterator = prefetched(pages)
-    writer = PageWriter(run, sink)
+    own = writer is None
+    written = Pages(writer or PageWriter(run), sink)
     try:
         try:
             for page in iterator:
                 good, bad = parse_page(sink, page.items, screened=page.screened)
-                writer.submit(good, bad)
+                written.submit(good, bad)
                 if on_records is not None:
                     on_records(good)
-                progress.add(len(page.items))
+                shown.add(len(page.items))
                 if on_page is not None:
                     on_page(len(page.items))
                 run.check_stop(f"stopped during {label}; the pages read so far are committed")
         finally:
-            writer.close()  # the pages in flight are committed (or an error raised) first
+            try:
+                written.wait()  # the pages in flight are committed (or an error raised) first
+            finally:
+                if own:
+                    written.writer.close()
     except ApiProtocolError as exc:
         keep_unparseable_body(run, sink.stream, exc)
         raise
     finally:
         iterator.close()  # stops the prefetch thread at once, whatever ended the pull
-    counts = writer.counts
+    counts = written.counts
     if checkpoint is not None:
         write_parsed(run, sink, [], [], checkpoint=checkpoint)
     return counts

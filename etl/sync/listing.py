@@ -32,11 +32,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from etl.db.engine import connection
 from etl.db.state import (
+    Scope,
     add_to_run,
     backfill_coverage,
+    end_load,
     known_subaccounts,
     mark_window_done,
     read_state,
+    start_load,
     write_state,
 )
 from etl.db.upsert import Counts, write_records
@@ -45,9 +48,19 @@ from etl.kalshi.client import KalshiClient
 from etl.kalshi.parse import Rejected
 from etl.streams import Listing
 from etl.sync import engine
-from etl.sync.backfill import ProgressCallback, Window, plan_windows, run_windows
-from etl.sync.engine import Checkpoint, PageCallback, Sink
+from etl.sync.engine import Checkpoint, PageCallback, PageWriter, Sink
 from etl.sync.orders import SyncResult
+from etl.sync.partitions import (
+    ProgressCallback,
+    Reading,
+    Splitting,
+    Window,
+    first_load_plan,
+    logged_progress,
+    plan_windows,
+    run_windows,
+    width,
+)
 from etl.sync.run import Clock, Run, recorded_run, utcnow
 
 log = logging.getLogger(__name__)
@@ -107,9 +120,12 @@ def listing_sink(
 
     def checkpoint(conn: Connection, run: Run, point: Checkpoint) -> None:
         if point.window is not None:
-            mark_window_done(conn, run.account, *point.window, stream=stream.name)
+            mark_window_done(
+                conn, run.account, *point.window, stream=stream.name, scope=point.scope
+            )
         else:
             write_state(conn, run.account, stream.name, watermark=point.watermark)
+            end_load(conn, run.account, stream.name)
 
     return Sink(
         stream=stream.name,
@@ -150,8 +166,25 @@ def sync_listing(
         if stream.incremental and state is not None and state.watermark is not None:
             since = state.watermark - lookback
         min_ts = None if since is None else int(since.timestamp())
-        partitions = _partitions(client, stream, subaccounts)
-        counts = _read(run, client, stream, partitions, since=since, min_ts=min_ts, captured_at=now)
+        if since is None and windowed(stream):
+            with run.transaction() as tx:
+                watermark, spans = start_load(tx, account, stream.name, watermark)
+            log.info("first sync of %s of account %s: loading every record", stream.name, account)
+            counts = _load(
+                run,
+                client,
+                stream,
+                first_load_plan(now),
+                spans,
+                scope="load",
+                concurrency=lambda: width(client),
+                on_progress=logged_progress(f"first load of {stream.name}", run),
+            )
+        else:
+            partitions = _partitions(client, stream, subaccounts)
+            counts = _read(
+                run, client, stream, partitions, since=since, min_ts=min_ts, captured_at=now
+            )
         engine.write_parsed(
             run, listing_sink(stream), [], [], checkpoint=Checkpoint(watermark=watermark)
         )
@@ -167,54 +200,123 @@ def backfill_listing(
     since: datetime,
     until: datetime,
     window: timedelta = timedelta(days=1),
-    concurrency: int = 4,
+    concurrency: int | None = None,
     lock_wait: float = 30.0,
     on_progress: ProgressCallback | None = None,
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
 ) -> SyncResult:
     """Load every record of ``stream`` with a time in [since, until), both tiers, in windows
-    (:mod:`etl.sync.backfill`), under the stream's lock. The stream's watermark is left alone.
+    (:mod:`etl.sync.partitions`; ``concurrency`` at once, by default as many as keep the key's
+    budget busy), under the stream's lock. The stream's watermark is left alone.
 
     Raises:
         LockBusyError: another run of this account's ``stream`` holds the lock.
         ApiError: a window failed after retries; completed windows stay done.
     """
+    if not windowed(stream):
+        raise ValueError(f"{stream.name} cannot be read in time windows")
     with recorded_run(
         db, account, stream.name, "backfill", lock_wait=lock_wait, clock=clock, stop=stop
     ) as run:
         with connection(db) as conn:
             spans = backfill_coverage(conn, account, stream.name)
-            subaccounts = known_subaccounts(conn, account) if stream.per_subaccount else set()
-        partitions = _partitions(client, stream, subaccounts)
+        total = _load(
+            run,
+            client,
+            stream,
+            plan_windows(since, until, window),
+            spans,
+            scope="backfill",
+            concurrency=concurrency or (lambda: width(client)),
+            on_progress=on_progress,
+        )
+    return SyncResult(run_id=run.run_id, counts=total, watermark=None)
 
-        def read(win: Window, counted: Callable[[int], None]) -> Counts:
-            lo, hi = win.bounds
-            counts = _read(
+
+def windowed(stream: Listing) -> bool:
+    """Whether ``stream`` can be read in time windows: a listing by time of the whole
+    account (fills), not of one object or one subaccount at a time, nor of snapshots."""
+    return (
+        stream.incremental
+        and stream.items_key is not None
+        and not stream.per_subaccount
+        and not stream.also
+        and not isinstance(stream.rule, ChangeOnly)
+    )
+
+
+def _load(
+    run: Run,
+    client: KalshiClient,
+    stream: Listing,
+    plan: Sequence[Window],
+    spans: Sequence[tuple[int, int]],
+    *,
+    scope: Scope,
+    concurrency: int | Callable[[], int],
+    on_progress: ProgressCallback | None,
+) -> Counts:
+    """Read ``plan``'s windows that ``spans`` leave, several at once, each window's live
+    listing then its historical tier, through one page writer; each window recorded done in
+    ``scope`` once read to its end."""
+    assert stream.items_key is not None
+    items_key = stream.items_key
+    sink = listing_sink(stream)
+    history = _reaches_history(client, stream, since=None)
+
+    with PageWriter(run) as writer:
+
+        def read(win: Window, reading: Reading) -> Counts | None:
+            filters = {"min_ts": win.min_ts, "max_ts": win.max_ts, **dict(stream.filters)}
+            live = reading.splitting(win, client.iter_pages(stream.path, items_key, **filters))
+            counts = engine.pull(
                 run,
-                client,
-                stream,
-                partitions,
-                since=None,
-                min_ts=lo,
-                max_ts=hi,
-                label=f" {win.start:%Y-%m-%d %H:%M}",
-                on_page=counted,
+                sink,
+                live,
+                checkpoint=None,
+                label=f"{stream.noun} {win.label}",
+                on_page=reading.counted,
+                writer=writer,
+                progress=False,
             )
+            if live.split:
+                return None
+            if history:
+                assert stream.historical_path is not None
+                older = Splitting(
+                    reading,
+                    win,
+                    client.iter_pages(stream.historical_path, items_key, **filters),
+                    key=None,
+                    read_before=live.read,
+                )
+                counts += engine.pull(
+                    run,
+                    sink,
+                    older,
+                    checkpoint=None,
+                    label=f"historical {stream.noun} {win.label}",
+                    on_page=reading.counted,
+                    writer=writer,
+                    progress=False,
+                )
+                if older.split:
+                    return None
             engine.write_parsed(
-                run, listing_sink(stream), [], [], checkpoint=Checkpoint(window=(lo, hi))
+                run, sink, [], [], checkpoint=Checkpoint(window=win.bounds, scope=scope)
             )
             return counts
 
-        total = run_windows(
+        return run_windows(
             run,
-            plan_windows(since, until, window),
+            plan,
             spans,
             read,
             concurrency=concurrency,
             on_progress=on_progress,
+            label="backfill" if scope == "backfill" else "first load",
         )
-    return SyncResult(run_id=run.run_id, counts=total, watermark=None)
 
 
 def _partitions(client: KalshiClient, stream: Listing, subaccounts: set[int]) -> list[int | None]:

@@ -48,13 +48,16 @@ from sqlalchemy.engine import Connection, Engine
 from etl import metrics
 from etl.db.engine import connection
 from etl.db.state import (
+    Scope,
     add_to_run,
     backfill_coverage,
+    end_load,
     has_orders,
     mark_window_done,
     open_orders,
     open_subaccounts,
     read_state,
+    start_load,
     write_state,
 )
 from etl.db.upsert import (
@@ -68,8 +71,18 @@ from etl.errors import ApiError, ApiProtocolError, ApiStatusError
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
 from etl.sync import engine
-from etl.sync.backfill import ProgressCallback, Window, plan_windows, run_windows
-from etl.sync.engine import Checkpoint, PageCallback, Sink, Write
+from etl.sync.engine import Checkpoint, PageCallback, PageWriter, Sink, Write
+from etl.sync.partitions import (
+    ProgressCallback,
+    Reading,
+    Splitting,
+    Window,
+    first_load_plan,
+    logged_progress,
+    plan_windows,
+    run_windows,
+    width,
+)
 from etl.sync.run import Clock, Run, recorded_run, utcnow
 
 log = logging.getLogger(__name__)
@@ -102,9 +115,12 @@ class PullResult:
     subaccounts: set[int] = field(default_factory=set)
 
 
-def _write_orders(new: NewAccount | None) -> Write[Order]:
+def _write_orders(
+    new: NewAccount | None, alone: Callable[[Order], bool] | None = None
+) -> Write[Order]:
     """The orders' write rule: newest version wins (the guarded merge); while ``new``
-    holds, a first load's page is COPYed without a merge."""
+    holds, a first load's page is COPYed without a merge, but for the orders that another
+    listing of the load may list too (not ``alone``: see :func:`_alone`), which are merged."""
 
     def write(
         conn: Connection, run: Run, good: Sequence[Order], one_by_one: bool
@@ -112,37 +128,50 @@ def _write_orders(new: NewAccount | None) -> Write[Order]:
         # The wall clock, not the run's (injectable) one: a queue poll finds the orders that
         # closed since its previous run by this time.
         written_at = utcnow()
+
+        def merge(batch: Sequence[Order], one: bool) -> tuple[Counts, list[Rejected]]:
+            return write_records(
+                conn,
+                batch,
+                lambda c, part: upsert_orders(c, part, account=run.account, synced_at=written_at),
+                one_by_one=one,
+            )
+
         if new is not None and new.holds and not one_by_one:
-            written = copy_new_orders(conn, good, account=run.account, synced_at=written_at)
+            again = [o for o in good if not alone(o)] if alone is not None else []
+            fresh = [o for o in good if alone(o)] if again and alone is not None else good
+            written = copy_new_orders(conn, fresh, account=run.account, synced_at=written_at)
             if written is not None:
-                return written, []
+                if not again:
+                    return written, []
+                merged, refused = merge(again, False)
+                return written + merged, refused
             if new.holds:
                 new.holds = False
                 log.info("some of the orders listed are stored already: merging from now on")
-        return write_records(
-            conn,
-            good,
-            lambda c, batch: upsert_orders(c, batch, account=run.account, synced_at=written_at),
-            one_by_one=one_by_one,
-        )
+        return merge(good, one_by_one)
 
     return write
 
 
 def _checkpoint(conn: Connection, run: Run, checkpoint: Checkpoint) -> None:
     if checkpoint.window is not None:
-        mark_window_done(conn, run.account, *checkpoint.window)
+        mark_window_done(conn, run.account, *checkpoint.window, scope=checkpoint.scope)
     else:
         write_state(conn, run.account, STREAM, watermark=checkpoint.watermark)
+        end_load(conn, run.account, STREAM)
 
 
-def orders_sink(new: NewAccount | None = None) -> Sink[Order]:
-    """How the engine parses and writes order pages (``new``: see :class:`NewAccount`)."""
+def orders_sink(
+    new: NewAccount | None = None, alone: Callable[[Order], bool] | None = None
+) -> Sink[Order]:
+    """How the engine parses and writes order pages (``new`` and ``alone``: see
+    :class:`NewAccount` and :func:`_write_orders`)."""
     return Sink(
         stream=STREAM,
         noun="orders",
         parse=parse_order,
-        write=_write_orders(new),
+        write=_write_orders(new, alone),
         checkpoint=_checkpoint,
     )
 
@@ -179,11 +208,13 @@ def pull(
     on_page: PageCallback | None = None,
     keep_open: bool = False,
     new: NewAccount | None = None,
+    alone: Callable[[Order], bool] | None = None,
+    writer: PageWriter | None = None,
 ) -> PullResult:
     """Write every page of one listing of orders (:func:`etl.sync.engine.pull`), collecting
     the subaccounts listed and, ``keep_open``, the ids of the open orders listed (what
-    settling needs; a full listing's would only cost memory). ``new``: see
-    :class:`NewAccount`."""
+    settling needs; a full listing's would only cost memory). ``new``, ``alone``: see
+    :func:`_write_orders`; ``writer``: a partitioned read's shared writer."""
     result = PullResult()
 
     def collect(good: list[Order]) -> None:
@@ -195,12 +226,14 @@ def pull(
 
     result.counts += engine.pull(
         run,
-        orders_sink(new),
+        orders_sink(new, alone),
         pages,
         checkpoint=checkpoint,
         label=label,
         on_page=on_page,
         on_records=collect,
+        writer=writer,
+        progress=writer is None,
     )
     return result
 
@@ -409,38 +442,45 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
     )
 
     if since is None:
+        with run.transaction() as conn:
+            as_of, spans = start_load(conn, run.account, STREAM, as_of)
         log.info("first sync of account %s: loading every order", run.account)
-        live = pull(run, client.iter_order_pages(), checkpoint=None, label="live orders", new=new)
-    else:
-        live = pull(
+        counts = _load(
             run,
-            client.iter_order_pages(min_ts=_seconds(since)),
-            checkpoint=None,
-            label="orders since " + since.isoformat(),
+            client,
+            first_load_plan(local),
+            spans,
+            scope="load",
+            new=new,
+            concurrency=lambda: width(client),
+            on_progress=logged_progress("first load of orders", run),
         )
+        # The full listing just read holds every open order: a second pass over the resting
+        # ones would read them again for nothing. What changed while the listing ran is the
+        # next cycle's (the watermark was taken before it).
+        write_page(run, [], checkpoint=Checkpoint(watermark=as_of))
+        return counts, as_of
+    live = pull(
+        run,
+        client.iter_order_pages(min_ts=_seconds(since)),
+        checkpoint=None,
+        label="orders since " + since.isoformat(),
+    )
     counts = live.counts
     # The cutoff is read after the live pull: orders that moved to the historical tier while
     # the live tier was being read are then still looked for there.
     cutoff = client.historical_cutoff()
-    wants_history = cutoff is not None and (
-        since is None or (cutoff.orders_updated_ts is not None and since < cutoff.orders_updated_ts)
-    )
-    if wants_history:
+    if cutoff is not None and (
+        cutoff.orders_updated_ts is not None and since < cutoff.orders_updated_ts
+    ):
         subaccounts = live.subaccounts | _stored_subaccounts(run)
-        filters = {} if since is None else {"min_ts": _seconds(since)}
         counts += pull(
             run,
-            historical_pages(client, subaccounts, **filters),
+            historical_pages(client, subaccounts, min_ts=_seconds(since)),
             checkpoint=None,
             label="historical orders",
-            new=new,
         ).counts
     write_page(run, [], checkpoint=checkpoint)
-    if first:
-        # The full listing just read holds every open order: a second pass over the resting
-        # ones would read them again for nothing. What changed while the listing ran is the
-        # next cycle's (the watermark was taken before it).
-        return counts, as_of
 
     resting = pull(
         run,
@@ -454,6 +494,118 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
     return counts, as_of
 
 
+# How far from a window's bounds an order is sure to be listed by that window alone: a
+# server's max_ts may include its second, and clocks may differ by a little.
+_EDGE = timedelta(seconds=2)
+# Changes this close before a load begins may still be in flight between tiers or windows.
+_SETTLING = timedelta(minutes=5)
+
+
+def _alone(win: Window, *, changed_after: datetime) -> Callable[[Order], bool]:
+    """Whether an order listed by ``win`` cannot be listed by another listing of the load, so
+    that a first load may COPY it: not written already by the window ``win`` was split from
+    (``win.seen``); both its timestamps (whichever ``min_ts`` compares) away from ``win``'s
+    bounds (a neighbour may list an order on a shared bound); and last changed before
+    ``changed_after`` (less a margin): the load's start for the live tier (an order changing
+    during the load may move to the newest window), the historical cutoff for that tier (an
+    order that moved there while the load ran was listed live too)."""
+    edges = [edge for edge in (win.start, win.end) if edge is not None]
+    settled = changed_after - _SETTLING
+
+    def alone(order: Order) -> bool:
+        stamps = (order.created_time, order.last_update_time)
+        if order.order_id in win.seen or order.last_update_time is None:
+            return False
+        if order.last_update_time >= settled:
+            return False
+        return all(
+            stamp is not None and abs(stamp - edge) > _EDGE for stamp in stamps for edge in edges
+        )
+
+    return alone
+
+
+def _load(
+    run: Run,
+    client: KalshiClient,
+    plan: Sequence[Window],
+    spans: Sequence[tuple[int, int]],
+    *,
+    scope: Scope,
+    new: NewAccount | None,
+    concurrency: int | Callable[[], int],
+    on_progress: ProgressCallback | None,
+) -> Counts:
+    """Read every order of ``plan``'s windows that ``spans`` leave, several windows at once
+    (:mod:`etl.sync.partitions`), each window's live tier then its historical tier (read after:
+    orders only ever move live → historical, so none slips between the two), through one
+    page writer; each window recorded done in ``scope`` once read to its end."""
+    began = run.clock()
+    cutoff = client.historical_cutoff()
+    has_history = cutoff is not None
+    subaccounts = _stored_subaccounts(run)
+    if has_history:
+        subaccounts |= client.subaccount_numbers()
+    moved_after = began if cutoff is None else (cutoff.orders_updated_ts or began)
+
+    with PageWriter(run) as writer:
+
+        def read(win: Window, reading: Reading) -> Counts | None:
+            label = win.label
+            live = reading.splitting(
+                win, client.iter_order_pages(min_ts=win.min_ts, max_ts=win.max_ts), key="order_id"
+            )
+            listed = pull(
+                run,
+                live,
+                checkpoint=None,
+                label=f"orders {label}",
+                on_page=reading.counted,
+                new=new,
+                alone=_alone(win, changed_after=began),
+                writer=writer,
+            )
+            counts = listed.counts
+            if live.split:
+                return None
+            subaccounts.update(listed.subaccounts)
+            if has_history:
+                history = Splitting(
+                    reading,
+                    win,
+                    historical_pages(
+                        client, set(subaccounts), min_ts=win.min_ts, max_ts=win.max_ts
+                    ),
+                    key="order_id",
+                    read_before=live.read,
+                    seen_before=live.ids,
+                )
+                counts += pull(
+                    run,
+                    history,
+                    checkpoint=None,
+                    label=f"historical orders {label}",
+                    on_page=reading.counted,
+                    new=new,
+                    alone=_alone(win, changed_after=min(began, moved_after)),
+                    writer=writer,
+                ).counts
+                if history.split:
+                    return None
+            write_page(run, [], checkpoint=Checkpoint(window=win.bounds, scope=scope))
+            return counts
+
+        return run_windows(
+            run,
+            plan,
+            spans,
+            read,
+            concurrency=concurrency,
+            on_progress=on_progress,
+            label="backfill" if scope == "backfill" else "first load",
+        )
+
+
 def backfill_orders(
     engine: Engine,
     client: KalshiClient,
@@ -462,15 +614,16 @@ def backfill_orders(
     since: datetime,
     until: datetime,
     window: timedelta = timedelta(days=1),
-    concurrency: int = 4,
+    concurrency: int | None = None,
     lock_wait: float = 30.0,
     on_progress: ProgressCallback | None = None,
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
 ) -> SyncResult:
     """Load every order with a timestamp in [since, until), live and historical tiers, in
-    windows (:mod:`etl.sync.backfill`). It holds the account's orders lock: a sync of the same
-    account waits (or, in the daemon, skips its turn) rather than writing at the same time.
+    windows (:mod:`etl.sync.partitions`; ``concurrency`` at once, by default as many as keep
+    the key's budget busy). It holds the account's orders lock: a sync of the same account
+    waits (or, in the daemon, skips its turn) rather than writing at the same time.
 
     Raises:
         LockBusyError: another run of this account's orders holds the lock.
@@ -483,38 +636,14 @@ def backfill_orders(
             spans = backfill_coverage(conn, account, STREAM)
             # A new account's backfill skips the merge, as its first sync does.
             new = None if spans or has_orders(conn, account) else NewAccount()
-        has_history = client.historical_cutoff() is not None
-        subaccounts = _stored_subaccounts(run)
-
-        def read(win: Window, counted: Callable[[int], None]) -> Counts:
-            lo, hi = win.bounds
-            label = f"{win.start:%Y-%m-%d %H:%M}"
-            counts = pull(
-                run,
-                client.iter_order_pages(min_ts=lo, max_ts=hi),
-                checkpoint=None,
-                label=f"orders {label}",
-                on_page=counted,
-                new=new,
-            ).counts
-            if has_history:
-                counts += pull(
-                    run,
-                    historical_pages(client, subaccounts, min_ts=lo, max_ts=hi),
-                    checkpoint=None,
-                    label=f"historical orders {label}",
-                    on_page=counted,
-                    new=new,
-                ).counts
-            write_page(run, [], checkpoint=Checkpoint(window=(lo, hi)))
-            return counts
-
-        total = run_windows(
+        total = _load(
             run,
+            client,
             plan_windows(since, until, window),
             spans,
-            read,
-            concurrency=concurrency,
+            scope="backfill",
+            new=new,
+            concurrency=concurrency or (lambda: width(client)),
             on_progress=on_progress,
         )
     return SyncResult(run_id=run.run_id, counts=total, watermark=None)

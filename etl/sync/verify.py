@@ -15,9 +15,11 @@ only among orders first stored before the listing began.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
@@ -39,8 +41,9 @@ from etl.db.write import write_rows
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
 from etl.streams import Listing
-from etl.sync.listing import parser, rows_of
+from etl.sync.listing import parser, rows_of, windowed
 from etl.sync.orders import STREAM, historical_pages
+from etl.sync.partitions import Reading, Splitting, Window, first_load_plan, list_windows
 from etl.sync.run import recorded_run, utcnow
 
 log = logging.getLogger(__name__)
@@ -83,29 +86,55 @@ def verify_orders(
         start_listing(conn)
         conn.commit()
         read = 0
-        subaccounts: set[int] = set()
+        lock = threading.Lock()  # one session: the windows' pages are added one at a time
+        has_history = client.historical_cutoff() is not None
+        subaccounts = {
+            o.subaccount_number
+            for o in open_orders(conn, account)
+            if o.subaccount_number is not None
+        }
+        if has_history:
+            subaccounts |= client.subaccount_numbers()
 
         def take(page: Page) -> None:
             nonlocal read
-            parsed = [parse_order(item) for item in page.items]
+            parsed = [parse_order(item, screened=page.screened) for item in page.items]
             good = [p for p in parsed if isinstance(p, Order)]
-            subaccounts.update(o.subaccount_number for o in good if o.subaccount_number is not None)
-            add_to_listing(conn, good, [p for p in parsed if isinstance(p, Rejected)])
-            conn.commit()
-            read += len(page.items)
-            if on_page is not None:
-                on_page(read)
+            with lock:
+                subaccounts.update(
+                    o.subaccount_number for o in good if o.subaccount_number is not None
+                )
+                add_to_listing(conn, good, [p for p in parsed if isinstance(p, Rejected)])
+                conn.commit()
+                read += len(page.items)
+                if on_page is not None:
+                    on_page(read)
 
-        for page in client.iter_order_pages():
-            take(page)
-        if client.historical_cutoff() is not None:
-            subaccounts.update(
-                o.subaccount_number
-                for o in open_orders(conn, account)
-                if o.subaccount_number is not None
+        def window(win: Window, reading: Reading) -> Counts | None:
+            live = reading.splitting(
+                win, client.iter_order_pages(min_ts=win.min_ts, max_ts=win.max_ts)
             )
-            for page in historical_pages(client, subaccounts):
+            for page in live:
                 take(page)
+            if live.split:
+                return None
+            if has_history:
+                with lock:
+                    known = set(subaccounts)
+                older = Splitting(
+                    reading,
+                    win,
+                    historical_pages(client, known, min_ts=win.min_ts, max_ts=win.max_ts),
+                    key=None,
+                    read_before=live.read,
+                )
+                for page in older:
+                    take(page)
+                if older.split:
+                    return None
+            return Counts()
+
+        list_windows(client, first_load_plan(started), window, clock=utcnow)
         before = compare(conn, account=account, started=started, examples=examples)
         log.info(
             "verify %s: listed %d orders and %d malformed records; orders holds %d",
@@ -192,19 +221,53 @@ def verify_listing(
         if stream.per_subaccount:
             subs = known_subaccounts(conn, account) | client.subaccount_numbers()
             partitions = [*sorted(subs)]
+        lock = threading.Lock()  # one session: pages read at once are added one at a time
+
+        def take(page: Page, parse: Callable[..., Any]) -> None:
+            parsed = [parse(item, screened=page.screened) for item in page.items]
+            good = [p for p in parsed if not isinstance(p, Rejected)]
+            with lock:
+                listed.add(conn, [(listed.record_key(r, rule.key), r.raw) for r in good])
+                conn.commit()
+
+        if windowed(stream):  # a listing of the whole account by time: read in windows
+            assert stream.items_key is not None
+            items_key, parse = stream.items_key, parser(stream)
+
+            def window(win: Window, reading: Reading) -> Counts | None:
+                read_before = 0
+                for path in filter(None, (stream.path, stream.historical_path)):
+                    pages = Splitting(
+                        reading,
+                        win,
+                        client.iter_pages(
+                            path,
+                            items_key,
+                            min_ts=win.min_ts,
+                            max_ts=win.max_ts,
+                            **dict(stream.filters),
+                        ),
+                        key=None,
+                        read_before=read_before,
+                    )
+                    for page in pages:
+                        take(page, parse)
+                    if pages.split:
+                        return None
+                    read_before += pages.read
+                return Counts()
+
+            list_windows(client, first_load_plan(started), window, clock=utcnow)
+            partitions = []
         for subaccount in partitions:
             for listing in _same_table(stream):
                 parse = parser(listing, subaccount=subaccount)
                 assert listing.items_key is not None
                 for path in filter(None, (listing.path, listing.historical_path)):
-                    pages = client.iter_pages(
+                    for page in client.iter_pages(
                         path, listing.items_key, subaccount=subaccount, **dict(listing.filters)
-                    )
-                    for page in pages:
-                        parsed = [parse(item, screened=page.screened) for item in page.items]
-                        good = [p for p in parsed if not isinstance(p, Rejected)]
-                        listed.add(conn, [(listed.record_key(r, rule.key), r.raw) for r in good])
-                        conn.commit()
+                    ):
+                        take(page, parse)
 
         def comparison() -> RowComparison:
             return listed.compare(

@@ -20,8 +20,8 @@ from etl.errors import ApiError, DatabaseError, LockBusyError, LockLostError
 from etl.kalshi.parse import Order, parse_order
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
-from etl.sync.backfill import BackfillProgress
 from etl.sync.orders import backfill_orders, sync_orders
+from etl.sync.partitions import BackfillProgress
 from etl.sync.queue import poll_queue_positions
 from etl.sync.run import UNRECORDED, recorded_run
 from tests.fix_exchange import NOW, make_client, rewriting, wait_until
@@ -66,8 +66,9 @@ def small_exchange() -> Exchange:
 
 
 def poisoned(app: SimulatorApp, *, always: bool = False) -> httpx.MockTransport:
-    """Answers like ``app``; the first full listing (every listing, ``always``) also carries
-    every POISON record."""
+    """Answers like ``app``; the first listing of the newest orders (no ``max_ts``: the newest
+    window of a first load, or an incremental listing; every such listing, ``always``) also
+    carries every POISON record."""
     served: list[int] = []
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -77,6 +78,7 @@ def poisoned(app: SimulatorApp, *, always: bool = False) -> httpx.MockTransport:
         if (
             request.url.path.endswith("/portfolio/orders")
             and "status" not in query
+            and "max_ts" not in query
             and (always or not served)
         ):
             served.append(1)
@@ -369,7 +371,7 @@ def test_a_backfill_rerun_reads_only_the_tail_of_a_window_cut_short_by_the_first
     since = exchange.now - timedelta(days=70)  # the whole history: one 100-day window,
     window = timedelta(days=100)  # cut short at "now"
     backfill_orders(db, client, account=ACCOUNT, since=since, until=exchange.now, window=window)
-    with caplog.at_level(logging.INFO, logger="etl.sync.backfill"):
+    with caplog.at_level(logging.INFO, logger="etl.sync.partitions"):
         again, fresh = _rerun_after_new_orders(db, client, exchange, since, window, 3)
     assert again.counts.fetched == len(fresh)
     assert "backfill resumes: 0 of 1 windows already done, 1 partly" in caplog.text

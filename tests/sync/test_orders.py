@@ -134,14 +134,15 @@ def test_a_malformed_record_is_kept_aside_and_the_rest_of_its_page_lands(db, cli
     assert runs(db)[-1].status == "succeeded" and runs(db)[-1].rejected == rejected
 
 
-def test_a_page_that_is_not_json_is_kept_and_fails_the_run(db, private_key, app):
+def test_a_page_that_is_not_json_is_kept_and_fails_the_run(db, private_key, app, exchange):
     calls = []
 
     def broken_once(environ, start_response):
-        calls.append(1)
-        if len(calls) == 3:  # after user_data_timestamp and one good page
-            start_response("200 OK", [("Content-Type", "text/html")])
-            return [b"<html>upstream hiccup</html>"]
+        if environ["PATH_INFO"].endswith("/portfolio/orders"):
+            calls.append(1)
+            if len(calls) == 2:  # the second page of orders listed
+                start_response("200 OK", [("Content-Type", "text/html")])
+                return [b"<html>upstream hiccup</html>"]
         return app(environ, start_response)
 
     with pytest.raises(ApiProtocolError, match="not JSON"):
@@ -154,8 +155,9 @@ def test_a_page_that_is_not_json_is_kept_and_fails_the_run(db, private_key, app)
         )
         == 1
     )
-    assert count(db, "SELECT count(*) FROM orders") == 50  # the first page is committed
     assert runs(db)[-1].status == "failed" and "not JSON" in runs(db)[-1].error
+    sync(db, make_client(app, private_key))  # the next run converges
+    assert_table_equals_truth(db, exchange)
 
 
 def test_transient_server_errors_are_retried_and_the_sync_converges(db, client, app, exchange):
@@ -164,12 +166,18 @@ def test_transient_server_errors_are_retried_and_the_sync_converges(db, client, 
     assert_table_equals_truth(db, exchange)
 
 
-def test_a_stop_request_commits_the_page_in_flight_then_ends_the_run(db, client):
+def test_a_stop_request_commits_the_page_in_flight_then_ends_the_run(db, private_key, app):
     stop = threading.Event()
-    stop.set()
+
+    def stops_at_the_first_page(environ, start_response):
+        answer = b"".join(app(environ, start_response))
+        if b'"order_id"' in answer:
+            stop.set()  # asked while the first page of orders is in flight
+        return [answer]
+
     with pytest.raises(StopRequested):
-        sync(db, client, stop=stop)
-    assert count(db, "SELECT count(*) FROM orders") == 50
+        sync(db, make_client(stops_at_the_first_page, private_key), stop=stop)
+    assert count(db, "SELECT count(*) FROM orders") >= 1  # the pages in flight are committed
     assert runs(db)[-1].status == "failed" and "stopped on request" in runs(db)[-1].error
     with db.connect() as conn:
         assert read_state(conn, ACCOUNT, "orders") is None  # a half-read pull justifies nothing
@@ -222,14 +230,14 @@ def test_backfill_loads_a_range_and_a_rerun_resumes_with_nothing_left(db, client
 def test_a_failed_backfill_keeps_its_done_windows_and_resumes(db, private_key, app, exchange):
     calls = []
 
-    def dies_after_seven_calls(environ, start_response):
+    def dies_after_nine_calls(environ, start_response):
         calls.append(1)
-        if len(calls) > 7:
+        if len(calls) > 9:
             start_response("503 Service Unavailable", [("Content-Type", "application/json")])
             return [b'{"code": "unavailable", "message": "down"}']
         return app(environ, start_response)
 
-    failing = make_client(dies_after_seven_calls, private_key)
+    failing = make_client(dies_after_nine_calls, private_key)
     with pytest.raises(ApiStatusError, match="503"):
         backfill(db, failing, exchange, concurrency=1)
     loaded_before = count(db, "SELECT count(*) FROM orders")

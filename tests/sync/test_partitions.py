@@ -1,0 +1,220 @@
+"""The partitioned reader: a first load, a backfill and verify read a listing as time windows
+at once, split a window whose first page is full, checkpoint each window, and stay under the
+key's budget, whatever ``min_ts`` compares."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from etl.db.state import read_state
+from etl.errors import ApiStatusError
+from etl.simulator import Exchange, SimulatorApp
+from etl.simulator.keys import key_id
+from etl.sync.orders import sync_orders
+from etl.sync.partitions import (
+    OPEN_END,
+    OPEN_START,
+    Window,
+    first_load_plan,
+    uncovered,
+)
+from etl.sync.verify import verify_orders
+from tests.fix_exchange import NOW, make_client
+from tests.sync.helpers import ACCOUNT, assert_table_equals_truth, count, runs
+
+
+def at(day: int) -> datetime:
+    return datetime(2026, 11, day, tzinfo=UTC)
+
+
+def test_a_first_load_plan_tiles_the_whole_time_line_newest_first():
+    plan = first_load_plan(NOW)
+    assert plan[0].end is None and plan[-1].start is None  # open at both ends
+    for newer, older in zip(plan, plan[1:], strict=False):
+        assert older.end == newer.start  # no gap, no overlap
+    assert plan[0].bounds[1] == OPEN_END and plan[-1].bounds[0] == OPEN_START
+    assert plan[0].start == NOW - timedelta(days=1)
+    assert (plan[0].min_ts, plan[0].max_ts) == (int(plan[0].start.timestamp()), None)
+
+
+def test_a_window_halves_at_its_middle_and_an_open_end_up_to_now():
+    halves = Window(at(1), at(3)).halves(NOW)
+    assert halves is not None
+    left, right = halves
+    assert (left.start, left.end, right.start, right.end) == (at(1), at(2), at(2), at(3))
+    halves = Window(at(10), None, frozenset({"a"})).halves(at(12))
+    assert halves is not None
+    left, right = halves
+    assert (left.end, right.start, right.end) == (at(11), at(11), None)
+    assert left.seen == right.seen == {"a"}
+    assert Window(at(1), at(1) + timedelta(seconds=1)).halves(NOW) is None
+
+
+def test_what_done_windows_leave_of_an_open_window_keeps_its_open_end():
+    win = Window(at(10), None)
+    lo = int(at(10).timestamp())
+    (piece,) = uncovered(win, [(lo, lo + 3600)])
+    assert piece.start == at(10) + timedelta(hours=1) and piece.end is None
+    assert uncovered(win, [(0, OPEN_END)]) == []
+
+
+def _listing_windows(app: SimulatorApp, *, since: int = 0) -> list[dict[str, list[str]]]:
+    """The windows of orders listed (first pages), of the requests from the ``since``-th."""
+    return [
+        parse_qs(query)
+        for path, query in list(app.requests)[since:]
+        if path.endswith("/portfolio/orders") and "cursor" not in query
+    ]
+
+
+@pytest.mark.parametrize("min_ts_on", ["created_time", "last_update_time"])
+def test_a_first_load_splits_full_windows_and_copies_every_order_once(
+    db, private_key, min_ts_on, caplog
+):
+    exchange = Exchange(
+        seed=21, orders=3000, api="2026", min_ts_on=min_ts_on, now=NOW, events_per_second=0
+    )
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    with caplog.at_level(logging.INFO):
+        sync_orders(db, make_client(app, private_key, page_size=100), account=ACCOUNT)
+    assert_table_equals_truth(db, exchange)
+    windows = _listing_windows(app)
+    assert len(windows) > len(first_load_plan(NOW))  # full windows were split
+    # Windows overlap where one was split after its first page: those orders are merged,
+    # never copied twice, so the COPY path met no stored order (no key violation).
+    assert "stored already" not in caplog.text
+    with db.connect() as conn:
+        assert read_state(conn, ACCOUNT, "orders:load") is None  # the load's windows forgotten
+
+
+@pytest.mark.parametrize("min_ts_on", ["created_time", "last_update_time"])
+def test_orders_that_change_while_the_windows_are_read_are_found_by_the_next_sync(
+    db, private_key, min_ts_on
+):
+    """While the first load reads, the market trades: old resting orders fill or cancel (with
+    ``last_update_time`` they move to the newest window, maybe read already) and new ones
+    arrive. The next sync converges, whichever timestamp ``min_ts`` compares."""
+    exchange = Exchange(
+        seed=22, orders=1500, api="2026", min_ts_on=min_ts_on, now=NOW, events_per_second=0
+    )
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    inner = httpx.WSGITransport(app=app)
+    oldest_resting = sorted(
+        (exchange.order(i) for i in exchange.resting_ids()), key=lambda o: o.created
+    )
+
+    def trading(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("orders"):
+            with app.lock:
+                exchange.now += timedelta(seconds=30)
+                if oldest_resting:
+                    victim = oldest_resting.pop(0)
+                    if victim.order_id in exchange.resting_ids():
+                        exchange.cancel(victim.order_id)
+                exchange.step(3)
+        answer = inner.handle_request(request)
+        answer.read()
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    client = make_client(httpx.MockTransport(trading), private_key, page_size=100)
+    sync_orders(db, client, account=ACCOUNT)
+    sync_orders(db, make_client(app, private_key, page_size=100), account=ACCOUNT)
+    assert_table_equals_truth(db, exchange)
+
+
+def test_an_interrupted_first_load_resumes_its_windows_and_keeps_its_first_watermark(
+    db, private_key
+):
+    exchange = Exchange(seed=23, orders=1200, api="2026", now=NOW, events_per_second=0)
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    week_ago = int((NOW - timedelta(days=7)).timestamp())
+
+    def older_windows_fail(environ, start_response):
+        # Every window older than a week fails; the newer ones are read to their end.
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        if "orders" in environ["PATH_INFO"] and int(query.get("max_ts", [OPEN_END])[0]) <= week_ago:
+            start_response("503 Service Unavailable", [("Content-Type", "application/json")])
+            return [b'{"code": "unavailable", "message": "down"}']
+        return app(environ, start_response)
+
+    with pytest.raises(ApiStatusError, match="503"):
+        sync_orders(
+            db, make_client(older_windows_fail, private_key, page_size=100), account=ACCOUNT
+        )
+    with db.connect() as conn:
+        load = read_state(conn, ACCOUNT, "orders:load")
+        assert read_state(conn, ACCOUNT, "orders") is None  # no watermark: not loaded yet
+    assert load is not None
+    done = [tuple(span) for span in load.state["done"]]
+    in_done = {
+        order_id
+        for order_id in exchange.truth()
+        if any(lo <= exchange.order(order_id).created.timestamp() < hi for lo, hi in done)
+    }
+    assert in_done  # windows holding orders were done
+    began = load.watermark
+    exchange.now += timedelta(hours=2)
+    before = len(app.requests)
+    result = sync_orders(db, make_client(app, private_key, page_size=100), account=ACCOUNT)
+    assert_table_equals_truth(db, exchange)
+    assert result.watermark == began  # what changed since the first attempt is the next sync's
+    for window in _listing_windows(app, since=before):  # no done window is read again
+        lo = int(window.get("min_ts", ["0"])[0])
+        hi = int(window.get("max_ts", [str(OPEN_END)])[0])
+        assert not any(a <= lo and hi <= b for a, b in done), (lo, hi, done)
+    assert [r.status for r in runs(db)] == ["failed", "succeeded"]
+    with db.connect() as conn:
+        assert read_state(conn, ACCOUNT, "orders:load") is None
+
+
+def test_windows_read_at_once_stay_under_the_keys_budget_read_from_the_api(db, private_key):
+    """The simulator enforces 400 tokens/s (40 list calls/s) and says so at /account/limits;
+    the client, told nothing, reads it there and never draws a 429, with windows read at
+    once."""
+    exchange = Exchange(seed=24, orders=3000, api="2026", now=NOW, events_per_second=0)
+    app = SimulatorApp(
+        exchange,
+        {key_id(private_key): private_key.public_key()},
+        advance=False,
+        tokens_per_second=400,
+    )
+    inner = httpx.WSGITransport(app=app)
+    statuses: list[int] = []
+
+    def counting(request: httpx.Request) -> httpx.Response:
+        answer = inner.handle_request(request)
+        answer.read()
+        statuses.append(answer.status_code)
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    client = make_client(httpx.MockTransport(counting), private_key, page_size=100)
+    client.bucket.set_rate(200, 200)  # what a client told nothing starts with (Basic)
+    client._learn_budget = True  # noqa: SLF001 - as KalshiClient(tokens_per_second=None)
+    sync_orders(db, client, account=ACCOUNT)
+    assert client.bucket.rate == 400
+    assert 429 not in statuses
+    assert_table_equals_truth(db, exchange)
+    result = verify_orders(db, client, account=ACCOUNT)
+    assert result.equal and 429 not in statuses
+
+
+def test_verify_reads_in_windows_and_finds_a_lost_order(db, private_key):
+    exchange = Exchange(seed=25, orders=2000, api="2026", now=NOW, events_per_second=0)
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    client = make_client(app, private_key, page_size=100)
+    sync_orders(db, client, account=ACCOUNT)
+    lost = sorted(exchange.truth())[17]
+    with db.begin() as conn:
+        conn.execute(sa.text("DELETE FROM orders WHERE order_id = :id"), {"id": lost})
+    before = len(_listing_windows(app))
+    result = verify_orders(db, client, account=ACCOUNT)
+    assert len(_listing_windows(app)) - before > 1  # windows, not one listing
+    assert not result.equal and result.before.counts["missing"] == 1
+    assert result.before.examples["missing"] == [lost]
+    assert count(db, "SELECT count(*) FROM orders") == len(exchange.truth()) - 1
