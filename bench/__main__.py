@@ -756,6 +756,7 @@ def measure_load(engine: sa.Engine, n: int, resting: float, latency: float) -> d
         open_orders = conn.execute(
             sa.text("SELECT count(*) FROM orders WHERE status = 'resting'")
         ).scalar_one()
+    copy_seconds = plain_copy_of_orders(engine)
     assert stored == n, (stored, n)
     assert again.counts.inserted == again.counts.updated == 0, again.counts
     assert all(t.fetched.orders == n for t in trials), [t.fetched.orders for t in trials]
@@ -788,6 +789,8 @@ def measure_load(engine: sa.Engine, n: int, resting: float, latency: float) -> d
         "vs_fetch_only": fetch_seconds / sync_seconds,
         "vs_fetch_only_process": fetch_process / sync_seconds,
         "cpu_us_per_order": sync_cpu / n * 1e6,
+        "plain_copy_seconds": copy_seconds,
+        "vs_plain_copy": sync_seconds / copy_seconds,
         "sync_cpu_seconds": sync_cpu,
         "simulator_cpu_seconds": median(lambda t: t.simulator_cpu),
         "postgres_cpu_seconds": median(lambda t: t.postgres_cpu),
@@ -812,6 +815,28 @@ def measure_load(engine: sa.Engine, n: int, resting: float, latency: float) -> d
     }
 
 
+def plain_copy_of_orders(engine: sa.Engine) -> float:
+    """Seconds of a plain COPY of every stored order (the same rows, as COPY text) into an
+    unindexed table: what PostgreSQL alone needs to take the load's rows in."""
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url) as source:
+        data = bytearray()
+        with source.cursor().copy("COPY orders TO STDOUT") as out:
+            for chunk in out:
+                data += chunk
+    with psycopg.connect(url) as target:
+        target.execute("DROP TABLE IF EXISTS bench_plain_copy")
+        target.execute("CREATE TABLE bench_plain_copy (LIKE orders)")
+        target.commit()
+        started = time.perf_counter()
+        with target.cursor().copy("COPY bench_plain_copy FROM STDIN") as into:
+            into.write(bytes(data))
+        target.commit()
+        seconds = time.perf_counter() - started
+        target.execute("DROP TABLE bench_plain_copy")
+    return seconds
+
+
 def _seconds_or_na(value: float | None, width: int) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.2f}"
 
@@ -825,7 +850,7 @@ def print_loads(loads: list[dict[str, Any]]) -> None:
     print(
         f"{'orders':>10}{'resting':>9}{'exchange':>10}{'runs':>5}{'fetch-only s':>14}{'sync s':>9}"
         f"{'orders/s':>10}{'× fetch-only':>14}{'× process':>11}{'CPU µs/order':>14}"
-        f"{'peak RSS':>10}{'no-change':>18}"
+        f"{'× COPY':>8}{'peak RSS':>10}{'no-change':>18}"
     )
     for r in loads:
         print(
@@ -833,14 +858,17 @@ def print_loads(loads: list[dict[str, Any]]) -> None:
             f"{r['fetch_only_seconds']:>14.2f}"
             f"{r['first_sync_seconds']:>9.2f}{r['orders_per_second']:>10,.0f}"
             f"{r['vs_fetch_only']:>14.2f}{r['vs_fetch_only_process']:>11.2f}"
-            f"{r['cpu_us_per_order']:>14.1f}"
+            f"{r['cpu_us_per_order']:>14.1f}{r['vs_plain_copy']:>8.1f}"
             f"{r['peak_rss_mb']:>7.0f} MB"
             f"{r['no_change_seconds']:>8.2f}s {r['no_change_api_calls']:>4.0f} calls"
         )
     print(
         "(× fetch-only: fetch-only seconds, its start-up excluded, ÷ sync seconds, start-up\n"
         " included; 1.00 = as fast as reading alone. × process: both timed as whole processes.\n"
-        " exchange: loopback, or a simulator adding that latency to each answer)"
+        " × COPY: sync seconds ÷ a plain COPY of the same rows into an unindexed table.\n"
+        " exchange: loopback, or a simulator adding that latency to each answer. On this\n"
+        " machine a loopback load is bound by the CPU the sync, the simulator and PostgreSQL\n"
+        " share: see the budget table for loads against an exchange across a network)"
     )
     print()
     print(

@@ -132,6 +132,15 @@ def test_sync_status_and_migrate_from_any_directory(db, tmp_path, live_simulator
         assert body not in output
 
 
+def test_told_no_budget_a_sync_reads_the_keys_own_and_says_it(db, live_simulator, exchange):
+    env = {k: v for k, v in live_simulator.env.items() if k != "KALSHI_READ_TOKENS_PER_SECOND"}
+    result = run(["sync", "--streams", "orders"], env)
+    assert result.returncode == 0, result.stderr
+    # The simulator enforces no limit and says so as Kalshi's top tier.
+    assert "read budget: 10000 tokens/s (prestige tier, bucket of 20000)" in result.stderr
+    assert_table_equals_truth(db, exchange)
+
+
 def test_json_logs_are_one_object_per_line(db, tmp_path, live_simulator):
     env = {**live_simulator.env, "KALSHI_ETL_LOG_FORMAT": "json"}
     result = run(["sync", "--streams", "orders"], env, tmp_path)

@@ -110,13 +110,14 @@ class TokenBucket:
             return 0.0
         return (cost - self._tokens) / self.rate
 
-    def set_rate(self, rate: float, burst: float) -> None:
-        """A new budget from now on (the tokens held so far kept, within the new burst)."""
+    def set_rate(self, rate: float, burst: float, *, full: bool = False) -> None:
+        """A new budget from now on: the tokens held so far kept within the new burst, or
+        (``full``) the whole burst at once."""
         with self._lock:
             self._take(0.0)
             self.rate = rate
             self.capacity = burst
-            self._tokens = min(self._tokens, burst)
+            self._tokens = burst if full else min(self._tokens, burst)
 
     def try_acquire(self, cost: float) -> bool:
         """Take ``cost`` tokens if they are there now; never waits."""
@@ -816,7 +817,10 @@ class KalshiClient:
                     budget.BASIC_TOKENS_PER_SECOND,
                 )
                 return
-            self.bucket.set_rate(*budget.client_budget(self.limits))
+            rate, burst = budget.client_budget(self.limits)
+            # A server bucket holding twice our burst can pay it at once: the client then
+            # starts with its burst in hand, and never asks for more than the server holds.
+            self.bucket.set_rate(rate, burst, full=self.limits.bucket_capacity >= 2 * burst)
             try:
                 answer = self._request(
                     "GET", "account/endpoint_costs", params=None, cost=LIST_COST, attempts=2

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -66,15 +67,18 @@ MAX_WIDTH = 16
 # A window estimated to hold more than twice this many pages is cut into pieces of about it:
 # small enough that the last windows to finish leave the budget idle for little time, big
 # enough that the page each cut costs (read again by the pieces) is a small share.
-TARGET_PAGES = 8
+TARGET_PAGES = 16
 MAX_PIECES = 64
 # A window's listing may still split after this many pages of another of its listings (their
 # ids handed to the pieces), not after more.
-MAX_SEEN_PAGES = 16
+MAX_SEEN_PAGES = 8
 # Windows split while fewer than this many times the width are queued or in flight: windows
 # of similar sizes, so that the last ones to finish leave the budget idle for little time.
 SPLIT_AHEAD = 3
 UNLIMITED_WIDTH = 4  # no budget: the machine's CPU binds, a few windows keep it busy
+# Past a few windows per core, more wait on the interpreter and hold pages in memory: a
+# budget this machine cannot parse and write as fast is out of reach however many read.
+CPU_WIDTH = 4 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
 DEFAULT_ROUND_TRIP = 0.1  # seconds, before a list call has been timed
 
 
@@ -192,13 +196,13 @@ def _piece(win: Window, lo: int, hi: int) -> Window:
 def width(client: KalshiClient) -> int:
     """How many windows keep ``client``'s budget busy: list calls a second the budget allows
     × the seconds a list call takes (as measured so far), with half as much again for the
-    variance, plus one; between 2 and :data:`MAX_WIDTH`."""
+    variance, plus one; between 2 and :data:`MAX_WIDTH` (and :data:`CPU_WIDTH`)."""
     rate = client.bucket.rate
     if rate <= 0:
         return UNLIMITED_WIDTH
     calls = rate / LIST_COST
     seconds = client.list_seconds or DEFAULT_ROUND_TRIP
-    return max(2, min(MAX_WIDTH, math.ceil(calls * seconds * 1.5) + 1))
+    return max(2, min(MAX_WIDTH, CPU_WIDTH, math.ceil(calls * seconds * 1.5) + 1))
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def test_a_first_load_splits_full_windows_and_copies_every_order_once(
     )
     app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
     with caplog.at_level(logging.INFO):
-        sync_orders(db, make_client(app, private_key, page_size=100), account=ACCOUNT)
+        sync_orders(db, make_client(app, private_key, page_size=50), account=ACCOUNT)
     assert_table_equals_truth(db, exchange)
     windows = _listing_windows(app)
     assert len(windows) > len(first_load_plan(NOW))  # full windows were split
