@@ -25,6 +25,7 @@ from etl.cli.verify import verify_lines
 from etl.cli.wiring import EXIT_INTERRUPTED, Commands, Parser
 from etl.config import environment, from_env
 from etl.errors import EtlError, StopRequested
+from etl.memory import few_malloc_arenas
 from etl.sync.orders import SWITCH_INTERVAL
 
 __all__ = ["build_parser", "main", "status_lines", "verify_lines"]
@@ -91,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     if args.command in _PULLING:
         sys.setswitchinterval(SWITCH_INTERVAL)
+        few_malloc_arenas()
     try:
         settings = from_env(environment(), demo=getattr(args, "demo", False), cwd=Path.cwd())
         setup_logging(settings.log_format, debug=debug)

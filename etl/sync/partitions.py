@@ -56,13 +56,9 @@ OPEN_END = 2**40
 # Before any Kalshi record: where halving a window with no start begins.
 FLOOR = datetime(2021, 1, 1, tzinfo=UTC)
 # A first load's cuts, back from now: most of an account's records are recent.
-FIRST_LOAD_CUTS = (
-    timedelta(days=1),
-    timedelta(days=7),
-    timedelta(days=30),
-    timedelta(days=90),
-    timedelta(days=365),
-)
+# Few: every window costs a call per tier even when empty, and a full one is cut by the
+# density its first page shows.
+FIRST_LOAD_CUTS = (timedelta(days=7), timedelta(days=90), timedelta(days=365))
 MAX_WIDTH = 16
 # A window estimated to hold more than twice this many pages is cut into pieces of about it:
 # small enough that the last windows to finish leave the budget idle for little time, big
@@ -283,12 +279,12 @@ class Splitting:
 
     def _splits(self, page: Page) -> bool:
         """Offer the window for splitting after its full first ``page``: when at most one
-        page of it was read before (by its other tier), or when the pages read before are a
-        small share of what the window is estimated to hold (they are read again)."""
+        page of it was read before (by its other tier), or when the pages read before (read
+        again by the pieces) are at most a tenth of what the window is estimated to hold."""
         pages = estimate_pages(self.win, page, self.reading.now())
         if self.read_before > MAX_SEEN_PAGES:
             return False  # the pieces could not be told every id read before
-        if self.read_before > 1 and (pages is None or 4 * self.read_before > pages):
+        if self.read_before > 1 and (pages is None or 10 * self.read_before > pages):
             return False
         return self.reading.split(self.win, self.ids, pages)
 

@@ -39,7 +39,7 @@ def test_a_first_load_plan_tiles_the_whole_time_line_newest_first():
     for newer, older in zip(plan, plan[1:], strict=False):
         assert older.end == newer.start  # no gap, no overlap
     assert plan[0].bounds[1] == OPEN_END and plan[-1].bounds[0] == OPEN_START
-    assert plan[0].start == NOW - timedelta(days=1)
+    assert plan[0].start == NOW - timedelta(days=7)
     assert (plan[0].min_ts, plan[0].max_ts) == (int(plan[0].start.timestamp()), None)
 
 
