@@ -808,8 +808,15 @@ class KalshiClient:
                 )
                 self.limits = budget.read_limits(_decode(answer, "account/limits"))
             except (ApiError, ValueError) as exc:
-                if isinstance(exc, ApiStatusError) and exc.status in (401, 403):
-                    return  # a key the API refuses: the call that follows says so
+                if isinstance(exc, ApiTransportError) or (
+                    isinstance(exc, ApiStatusError) and exc.status in (401, 403)
+                ):
+                    # An API out of reach or refusing the key: the call that follows says
+                    # so, in the one line the user needs; the Basic budget meanwhile, and
+                    # the next call asks again.
+                    log.debug("GET /account/limits: %s", exc)
+                    self._learn_budget = True
+                    return
                 log.warning(
                     "the key's read budget is not known (GET /account/limits: %s); using the "
                     "Basic tier's %g tokens/s (set KALSHI_READ_TOKENS_PER_SECOND to change it)",

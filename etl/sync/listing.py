@@ -269,40 +269,32 @@ def _load(
 
         def read(win: Window, reading: Reading) -> Counts | None:
             filters = {"min_ts": win.min_ts, "max_ts": win.max_ts, **dict(stream.filters)}
-            live = reading.splitting(win, client.iter_pages(stream.path, items_key, **filters))
-            counts = engine.pull(
-                run,
-                sink,
-                live,
-                checkpoint=None,
-                label=f"{stream.noun} {win.label}",
-                on_page=reading.counted,
-                writer=writer,
-                progress=False,
-            )
-            if live.split:
-                return None
-            if history:
-                assert stream.historical_path is not None
-                older = Splitting(
+            counts = Counts()
+            read_before = 0
+            tiers = [(stream.path, "")]
+            if history and stream.historical_path is not None:
+                tiers.append((stream.historical_path, "historical "))
+            for path, tier in tiers:  # live, then historical: see orders' _load
+                pages = Splitting(
                     reading,
                     win,
-                    client.iter_pages(stream.historical_path, items_key, **filters),
+                    client.iter_pages(path, items_key, **filters),
                     key=None,
-                    read_before=live.read,
+                    read_before=read_before,
                 )
                 counts += engine.pull(
                     run,
                     sink,
-                    older,
+                    pages,
                     checkpoint=None,
-                    label=f"historical {stream.noun} {win.label}",
+                    label=f"{tier}{stream.noun} {win.label}",
                     on_page=reading.counted,
                     writer=writer,
                     progress=False,
                 )
-                if older.split:
+                if pages.split:
                     return None
+                read_before += pages.read
             engine.write_parsed(
                 run, sink, [], [], checkpoint=Checkpoint(window=win.bounds, scope=scope)
             )
@@ -315,7 +307,7 @@ def _load(
             read,
             concurrency=concurrency,
             on_progress=on_progress,
-            label="backfill" if scope == "backfill" else "first load",
+            scope=scope,
         )
 
 

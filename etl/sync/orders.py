@@ -602,7 +602,7 @@ def _load(
             read,
             concurrency=concurrency,
             on_progress=on_progress,
-            label="backfill" if scope == "backfill" else "first load",
+            scope=scope,
         )
 
 

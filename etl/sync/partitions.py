@@ -43,6 +43,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from etl.db.state import Scope
 from etl.db.upsert import Counts
 from etl.kalshi.client import LIST_COST, KalshiClient, Page
 from etl.sync.run import Run
@@ -445,7 +446,7 @@ def run_windows(
     *,
     concurrency: int | Callable[[], int],
     on_progress: ProgressCallback | None,
-    label: str = "backfill",
+    scope: Scope = "backfill",
 ) -> Counts:
     """Read the parts of ``plan`` that ``spans`` (windows done before) leave, ``concurrency``
     at a time (a number, or a function asked before each window starts: :func:`width`);
@@ -461,7 +462,7 @@ def run_windows(
     if partly:
         log.info(
             "%s resumes: %d of %d windows already done, %d partly",
-            label,
+            "backfill" if scope == "backfill" else "first load",
             done,
             len(plan),
             partly - done,

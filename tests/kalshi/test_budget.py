@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from etl.config import from_env
+from etl.errors import ApiTransportError
 from etl.kalshi.auth import KalshiAuth
 from etl.kalshi.budget import (
     BASIC_TOKENS_PER_SECOND,
@@ -142,3 +143,35 @@ def test_limits_and_costs_are_read_from_the_sdks_shapes():
     assert costs.of("GET", "/portfolio/orders/{id}", 10) == 2
     assert costs.of("GET", "/portfolio/fills", 10) == 20
     assert costs.of("GET", "/portfolio/positions", 2) == 10
+
+
+def test_an_api_out_of_reach_says_nothing_of_the_budget_and_it_is_asked_again_later(
+    exchange, private_key, caplog
+):
+    app = _app(exchange, private_key, rate=1000)
+    inner = httpx.WSGITransport(app=app)
+    down = [True]
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        if down[0]:
+            raise httpx.ConnectError("connection refused", request=request)
+        answer = inner.handle_request(request)
+        answer.read()
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    client = KalshiClient(
+        BASE,
+        auth=KalshiAuth(key_id(private_key), private_key),
+        transport=httpx.MockTransport(flaky),
+        tokens_per_second=None,
+        retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, max_total=1),
+    )
+    with caplog.at_level(logging.INFO), client:
+        with pytest.raises(ApiTransportError):
+            client.user_data_timestamp()
+        # The unreachable API is the call's own error; nothing is said about the budget.
+        assert "read budget" not in caplog.text
+        assert client.bucket.rate == BASIC_TOKENS_PER_SECOND
+        down[0] = False
+        client.user_data_timestamp()
+        assert client.bucket.rate == 1000  # asked again once the API answers
