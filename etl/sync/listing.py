@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -44,7 +44,7 @@ from etl.db.state import (
 )
 from etl.db.upsert import Counts, write_records
 from etl.db.write import ChangeOnly, close_unlisted, write_rows
-from etl.kalshi.client import KalshiClient
+from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Rejected
 from etl.streams import Listing
 from etl.sync import engine
@@ -52,13 +52,12 @@ from etl.sync.engine import Checkpoint, PageCallback, PageWriter, Sink
 from etl.sync.orders import SyncResult
 from etl.sync.partitions import (
     ProgressCallback,
-    Reading,
-    Splitting,
+    Tier,
     Window,
     first_load_plan,
+    load_windows,
     logged_progress,
     plan_windows,
-    run_windows,
     width,
 )
 from etl.sync.run import Clock, Run, recorded_run, utcnow
@@ -257,58 +256,44 @@ def _load(
     concurrency: int | Callable[[], int],
     on_progress: ProgressCallback | None,
 ) -> Counts:
-    """Read ``plan``'s windows that ``spans`` leave, several at once, each window's live
-    listing then its historical tier, through one page writer; each window recorded done in
-    ``scope`` once read to its end."""
-    assert stream.items_key is not None
-    items_key = stream.items_key
+    """Load ``plan``'s windows that ``spans`` leave, several at once
+    (:func:`etl.sync.partitions.load_windows`), each window's live listing then its historical
+    tier; each window recorded done in ``scope`` once read to its end."""
     sink = listing_sink(stream)
-    history = _reaches_history(client, stream, since=None)
+    paths = [(stream.path, stream.noun)]
+    if _reaches_history(client, stream, since=None) and stream.historical_path is not None:
+        paths.append((stream.historical_path, f"historical {stream.noun}"))
 
-    with PageWriter(run) as writer:
-
-        def read(win: Window, reading: Reading) -> Counts | None:
-            filters = {"min_ts": win.min_ts, "max_ts": win.max_ts, **dict(stream.filters)}
-            counts = Counts()
-            read_before = 0
-            tiers = [(stream.path, "")]
-            if history and stream.historical_path is not None:
-                tiers.append((stream.historical_path, "historical "))
-            for path, tier in tiers:  # live, then historical: see orders' _load
-                pages = Splitting(
-                    reading,
-                    win,
-                    client.iter_pages(path, items_key, **filters),
-                    key=None,
-                    read_before=read_before,
+    def tiers(win: Window, writer: PageWriter) -> list[Tier]:
+        def tier(path: str, noun: str) -> Tier:
+            def take(pages: Iterable[Page]) -> Counts:
+                label = f"{noun} {win.label}"
+                return engine.pull(
+                    run, sink, pages, checkpoint=None, label=label, writer=writer, progress=False
                 )
-                counts += engine.pull(
-                    run,
-                    sink,
-                    pages,
-                    checkpoint=None,
-                    label=f"{tier}{stream.noun} {win.label}",
-                    on_page=reading.counted,
-                    writer=writer,
-                    progress=False,
-                )
-                if pages.split:
-                    return None
-                read_before += pages.read
-            engine.write_parsed(
-                run, sink, [], [], checkpoint=Checkpoint(window=win.bounds, scope=scope)
-            )
-            return counts
 
-        return run_windows(
-            run,
-            plan,
-            spans,
-            read,
-            concurrency=concurrency,
-            on_progress=on_progress,
-            scope=scope,
-        )
+            return Tier(lambda: window_pages(client, stream, path, win), take)
+
+        return [tier(path, noun) for path, noun in paths]
+
+    return load_windows(
+        run,
+        plan,
+        spans,
+        tiers,
+        sink=sink,
+        scope=scope,
+        concurrency=concurrency,
+        on_progress=on_progress,
+    )
+
+
+def window_pages(client: KalshiClient, stream: Listing, path: str, win: Window) -> Iterator[Page]:
+    """The pages of ``stream``'s listing at ``path`` (a tier) within ``win``."""
+    assert stream.items_key is not None
+    return client.iter_pages(
+        path, stream.items_key, min_ts=win.min_ts, max_ts=win.max_ts, **dict(stream.filters)
+    )
 
 
 def _partitions(client: KalshiClient, stream: Listing, subaccounts: set[int]) -> list[int | None]:

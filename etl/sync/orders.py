@@ -74,13 +74,12 @@ from etl.sync import engine
 from etl.sync.engine import Checkpoint, PageCallback, PageWriter, Sink, Write
 from etl.sync.partitions import (
     ProgressCallback,
-    Reading,
-    Splitting,
+    Tier,
     Window,
     first_load_plan,
+    load_windows,
     logged_progress,
     plan_windows,
-    run_windows,
     width,
 )
 from etl.sync.run import Clock, Run, recorded_run, utcnow
@@ -536,74 +535,72 @@ def _load(
     concurrency: int | Callable[[], int],
     on_progress: ProgressCallback | None,
 ) -> Counts:
-    """Read every order of ``plan``'s windows that ``spans`` leave, several windows at once
-    (:mod:`etl.sync.partitions`), each window's live tier then its historical tier (read after:
-    orders only ever move live → historical, so none slips between the two), through one
-    page writer; each window recorded done in ``scope`` once read to its end."""
+    """Load every order of ``plan``'s windows that ``spans`` leave, several windows at once
+    (:func:`etl.sync.partitions.load_windows`), each window's live tier then its historical
+    tier; each window recorded done in ``scope`` once read to its end."""
     began = run.clock()
     cutoff = client.historical_cutoff()
-    has_history = cutoff is not None
-    subaccounts = _stored_subaccounts(run)
-    if has_history:
-        subaccounts |= client.subaccount_numbers()
     moved_after = began if cutoff is None else (cutoff.orders_updated_ts or began)
+    with connection(run.engine) as conn:
+        subaccounts = history_subaccounts(conn, client, run.account, history=cutoff is not None)
 
-    with PageWriter(run) as writer:
+    def tiers(win: Window, writer: PageWriter) -> list[Tier]:
+        def take(label: str, changed_after: datetime) -> Callable[[Iterable[Page]], Counts]:
+            def write(pages: Iterable[Page]) -> Counts:
+                listed = pull(
+                    run,
+                    pages,
+                    checkpoint=None,
+                    label=f"{label} {win.label}",
+                    new=new,
+                    alone=_alone(win, changed_after=changed_after),
+                    writer=writer,
+                )
+                subaccounts.update(listed.subaccounts)
+                return listed.counts
 
-        def read(win: Window, reading: Reading) -> Counts | None:
-            label = win.label
-            live = reading.splitting(
-                win, client.iter_order_pages(min_ts=win.min_ts, max_ts=win.max_ts), key="order_id"
+            return write
+
+        found = [
+            Tier(
+                lambda: client.iter_order_pages(min_ts=win.min_ts, max_ts=win.max_ts),
+                take("orders", began),
             )
-            listed = pull(
-                run,
-                live,
-                checkpoint=None,
-                label=f"orders {label}",
-                on_page=reading.counted,
-                new=new,
-                alone=_alone(win, changed_after=began),
-                writer=writer,
-            )
-            counts = listed.counts
-            if live.split:
-                return None
-            subaccounts.update(listed.subaccounts)
-            if has_history:
-                history = Splitting(
-                    reading,
-                    win,
-                    historical_pages(
+        ]
+        if cutoff is not None:
+            found.append(
+                Tier(
+                    lambda: historical_pages(
                         client, set(subaccounts), min_ts=win.min_ts, max_ts=win.max_ts
                     ),
-                    key="order_id",
-                    read_before=live.read,
-                    seen_before=live.ids,
+                    take("historical orders", min(began, moved_after)),
                 )
-                counts += pull(
-                    run,
-                    history,
-                    checkpoint=None,
-                    label=f"historical orders {label}",
-                    on_page=reading.counted,
-                    new=new,
-                    alone=_alone(win, changed_after=min(began, moved_after)),
-                    writer=writer,
-                ).counts
-                if history.split:
-                    return None
-            write_page(run, [], checkpoint=Checkpoint(window=win.bounds, scope=scope))
-            return counts
+            )
+        return found
 
-        return run_windows(
-            run,
-            plan,
-            spans,
-            read,
-            concurrency=concurrency,
-            on_progress=on_progress,
-            scope=scope,
-        )
+    return load_windows(
+        run,
+        plan,
+        spans,
+        tiers,
+        sink=_SINK,
+        key="order_id",
+        scope=scope,
+        concurrency=concurrency,
+        on_progress=on_progress,
+    )
+
+
+def history_subaccounts(
+    conn: Connection, client: KalshiClient, account: str, *, history: bool
+) -> set[int]:
+    """The subaccounts a full read of the historical tier may have to ask for one by one
+    (:func:`historical_pages`), before any is listed: those of the stored open orders and,
+    where the server has a ``history`` tier, those the API lists."""
+    subaccounts = open_subaccounts(conn, account)
+    if history:
+        subaccounts |= client.subaccount_numbers()
+    return subaccounts
 
 
 def backfill_orders(

@@ -42,10 +42,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from etl.db.state import Scope
 from etl.db.upsert import Counts
 from etl.kalshi.client import LIST_COST, KalshiClient, Page
+from etl.sync.engine import Checkpoint, PageWriter, Sink, write_parsed
 from etl.sync.run import Run
 
 log = logging.getLogger(__name__)
@@ -116,11 +118,6 @@ class Window:
     def span(self, now: datetime) -> tuple[datetime, datetime]:
         """The window's bounds, an open start taken at :data:`FLOOR`, an open end at ``now``."""
         return self.start or FLOOR, max(self.end or now, self.start or FLOOR)
-
-    def halves(self, now: datetime) -> tuple[Window, Window] | None:
-        """The window cut in two at its middle; ``None`` when under two seconds wide."""
-        pieces = self.pieces(2, now)
-        return None if pieces is None else (pieces[0], pieces[1])
 
     def pieces(self, count: int, now: datetime) -> list[Window] | None:
         """The window cut into ``count`` pieces of equal span (whole seconds; the first keeps
@@ -235,17 +232,13 @@ class Reading:
     def now(self) -> datetime:
         return self._owner.clock()
 
-    def splitting(self, win: Window, pages: Iterable[Page], *, key: str | None = None) -> Splitting:
-        """``pages`` of ``win``, cut short when its first page is full and the window splits."""
-        return Splitting(self, win, pages, key=key)
-
 
 class Splitting:
-    """The pages of one window's listing: after a full first page, the window is offered for
-    splitting (:meth:`_splits`); once split, the listing
-    ends there (``split`` is then True) and the halves read the rest. ``key``: the field naming
-    a record, whose values the halves are told were written (:attr:`Window.seen`), with
-    ``seen_before`` (those of the window's listing read before this one)."""
+    """The pages of one window's listing, each counted as read: after a full first page, the
+    window is offered for splitting (:meth:`_splits`); once split, the listing ends there
+    (``split`` is then True) and the pieces read the rest. ``key``: the field naming a record,
+    whose values the pieces are told were written (:attr:`Window.seen`), with ``seen_before``
+    (those of the window's listing read before this one)."""
 
     def __init__(
         self,
@@ -273,6 +266,7 @@ class Splitting:
             self.read += 1
             if self.read <= MAX_SEEN_PAGES:
                 self.ids.extend(self._ids(page))
+            self.reading.counted(len(page.items))
             yield page
             if self.read == 1 and not page.is_last and self._splits(page):
                 self.split = True
@@ -335,8 +329,41 @@ def _stamp(item: object, name: str) -> datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
+@dataclass(frozen=True)
+class Tier:
+    """One listing of a window's records (its live tier, or its historical tier): its pages,
+    opened when its turn comes (a tier read after another may depend on what that one
+    listed), and what takes them (returns what it wrote)."""
+
+    pages: Callable[[], Iterable[Page]]
+    take: Callable[[Iterable[Page]], Counts]
+
+
+def read_tiers(
+    reading: Reading, win: Window, tiers: Iterable[Tier], *, key: str | None = None
+) -> Counts | None:
+    """Read ``win``'s listings in order, each to its end: its live tier, then its historical
+    tier (read after: records only ever move live → historical, so none slips between the
+    two). Each is a :class:`Splitting` told what the ones before it read (``key``: the field
+    naming a record, see :class:`Splitting`). ``None`` when the window split (its pieces then
+    read it), else what the tiers' takes wrote."""
+    counts = Counts()
+    read_before = 0
+    seen_before: list[str] = []
+    for tier in tiers:
+        pages = Splitting(
+            reading, win, tier.pages(), key=key, read_before=read_before, seen_before=seen_before
+        )
+        counts += tier.take(pages)
+        if pages.split:
+            return None
+        read_before += pages.read
+        seen_before = pages.ids
+    return counts
+
+
 # Reads one window to its end and records it done; returns what it wrote, or None when the
-# window was split (its halves then read it).
+# window was split (its pieces then read it).
 ReadWindow = Callable[[Window, Reading], Counts | None]
 
 
@@ -483,11 +510,49 @@ def run_windows(
     return total
 
 
+def load_windows(
+    run: Run,
+    plan: Sequence[Window],
+    spans: Sequence[tuple[int, int]],
+    tiers: Callable[[Window, PageWriter], Iterable[Tier]],
+    *,
+    sink: Sink[Any],
+    key: str | None = None,
+    scope: Scope,
+    concurrency: int | Callable[[], int],
+    on_progress: ProgressCallback | None,
+) -> Counts:
+    """Load ``plan``'s windows that ``spans`` leave (:func:`run_windows`), each window's
+    ``tiers`` read in turn (:func:`read_tiers`, their takes writing through the run's one page
+    writer, handed to ``tiers``); a window read to its end is recorded done in ``scope`` by
+    ``sink``'s checkpoint, in the transaction after its last page is committed."""
+    with PageWriter(run) as writer:
+
+        def read(win: Window, reading: Reading) -> Counts | None:
+            counts = read_tiers(reading, win, tiers(win, writer), key=key)
+            if counts is not None:
+                done = Checkpoint(window=win.bounds, scope=scope)
+                write_parsed(run, sink, [], [], checkpoint=done)
+            return counts
+
+        return run_windows(
+            run, plan, spans, read, concurrency=concurrency, on_progress=on_progress, scope=scope
+        )
+
+
 def list_windows(
-    client: KalshiClient, plan: Sequence[Window], read: ReadWindow, *, clock: Callable[[], datetime]
+    client: KalshiClient,
+    plan: Sequence[Window],
+    tiers: Callable[[Window], Iterable[Tier]],
+    *,
+    clock: Callable[[], datetime],
 ) -> None:
-    """Read ``plan``'s windows with no checkpoint (``verify``'s listing): as many at once as
-    keep ``client``'s budget busy, split as a load's are."""
+    """Read ``plan``'s windows' ``tiers`` with no checkpoint (``verify``'s listing): as many
+    windows at once as keep ``client``'s budget busy, split as a load's are."""
+
+    def read(win: Window, reading: Reading) -> Counts | None:
+        return read_tiers(reading, win, tiers(win))
+
     _Scheduler(
         clock, lambda what: None, plan, read, wanted=lambda: width(client), done=0, on_progress=None
     ).execute()

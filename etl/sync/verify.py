@@ -14,9 +14,10 @@ only among orders first stored before the listing began.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -35,15 +36,15 @@ from etl.db.compare import (
 )
 from etl.db.engine import connection
 from etl.db.listed import FillCheck, RowComparison
-from etl.db.state import add_to_run, known_subaccounts, open_orders
+from etl.db.state import add_to_run, known_subaccounts
 from etl.db.upsert import Counts, insert_rejected, upsert_orders
 from etl.db.write import write_rows
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
 from etl.streams import Listing
-from etl.sync.listing import parser, rows_of, windowed
-from etl.sync.orders import STREAM, historical_pages
-from etl.sync.partitions import Reading, Splitting, Window, first_load_plan, list_windows
+from etl.sync.listing import parser, rows_of, window_pages, windowed
+from etl.sync.orders import STREAM, historical_pages, history_subaccounts
+from etl.sync.partitions import Tier, Window, first_load_plan, list_windows
 from etl.sync.run import recorded_run, utcnow
 
 log = logging.getLogger(__name__)
@@ -88,53 +89,38 @@ def verify_orders(
         read = 0
         lock = threading.Lock()  # one session: the windows' pages are added one at a time
         has_history = client.historical_cutoff() is not None
-        subaccounts = {
-            o.subaccount_number
-            for o in open_orders(conn, account)
-            if o.subaccount_number is not None
-        }
-        if has_history:
-            subaccounts |= client.subaccount_numbers()
+        subaccounts = history_subaccounts(conn, client, account, history=has_history)
 
-        def take(page: Page) -> None:
+        def take(pages: Iterable[Page]) -> Counts:
             nonlocal read
-            parsed = [parse_order(item, screened=page.screened) for item in page.items]
-            good = [p for p in parsed if isinstance(p, Order)]
-            with lock:
-                subaccounts.update(
-                    o.subaccount_number for o in good if o.subaccount_number is not None
-                )
-                add_to_listing(conn, good, [p for p in parsed if isinstance(p, Rejected)])
-                conn.commit()
-                read += len(page.items)
-                if on_page is not None:
-                    on_page(read)
-
-        def window(win: Window, reading: Reading) -> Counts | None:
-            live = reading.splitting(
-                win, client.iter_order_pages(min_ts=win.min_ts, max_ts=win.max_ts)
-            )
-            for page in live:
-                take(page)
-            if live.split:
-                return None
-            if has_history:
+            for page in pages:
+                parsed = [parse_order(item, screened=page.screened) for item in page.items]
+                good = [p for p in parsed if isinstance(p, Order)]
                 with lock:
-                    known = set(subaccounts)
-                older = Splitting(
-                    reading,
-                    win,
-                    historical_pages(client, known, min_ts=win.min_ts, max_ts=win.max_ts),
-                    key=None,
-                    read_before=live.read,
-                )
-                for page in older:
-                    take(page)
-                if older.split:
-                    return None
+                    subaccounts.update(
+                        o.subaccount_number for o in good if o.subaccount_number is not None
+                    )
+                    add_to_listing(conn, good, [p for p in parsed if isinstance(p, Rejected)])
+                    conn.commit()
+                    read += len(page.items)
+                    if on_page is not None:
+                        on_page(read)
             return Counts()
 
-        list_windows(client, first_load_plan(started), window, clock=utcnow)
+        def tiers(win: Window) -> list[Tier]:
+            found = [
+                Tier(lambda: client.iter_order_pages(min_ts=win.min_ts, max_ts=win.max_ts), take)
+            ]
+            if has_history:
+                found.append(Tier(lambda: _historical(win), take))
+            return found
+
+        def _historical(win: Window) -> Iterator[Page]:
+            with lock:
+                known = set(subaccounts)
+            return historical_pages(client, known, min_ts=win.min_ts, max_ts=win.max_ts)
+
+        list_windows(client, first_load_plan(started), tiers, clock=utcnow)
         before = compare(conn, account=account, started=started, examples=examples)
         log.info(
             "verify %s: listed %d orders and %d malformed records; orders holds %d",
@@ -231,33 +217,21 @@ def verify_listing(
                 conn.commit()
 
         if windowed(stream):  # a listing of the whole account by time: read in windows
-            assert stream.items_key is not None
-            items_key, parse = stream.items_key, parser(stream)
+            parse = parser(stream)
 
-            def window(win: Window, reading: Reading) -> Counts | None:
-                read_before = 0
-                for path in filter(None, (stream.path, stream.historical_path)):
-                    pages = Splitting(
-                        reading,
-                        win,
-                        client.iter_pages(
-                            path,
-                            items_key,
-                            min_ts=win.min_ts,
-                            max_ts=win.max_ts,
-                            **dict(stream.filters),
-                        ),
-                        key=None,
-                        read_before=read_before,
-                    )
-                    for page in pages:
-                        take(page, parse)
-                    if pages.split:
-                        return None
-                    read_before += pages.read
+            def take_all(pages: Iterable[Page]) -> Counts:
+                for page in pages:
+                    take(page, parse)
                 return Counts()
 
-            list_windows(client, first_load_plan(started), window, clock=utcnow)
+            def tiers(win: Window) -> list[Tier]:
+                paths = filter(None, (stream.path, stream.historical_path))
+                return [
+                    Tier(functools.partial(window_pages, client, stream, path, win), take_all)
+                    for path in paths
+                ]
+
+            list_windows(client, first_load_plan(started), tiers, clock=utcnow)
             partitions = []
         for subaccount in partitions:
             for listing in _same_table(stream):

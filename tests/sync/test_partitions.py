@@ -43,17 +43,20 @@ def test_a_first_load_plan_tiles_the_whole_time_line_newest_first():
     assert (plan[0].min_ts, plan[0].max_ts) == (int(plan[0].start.timestamp()), None)
 
 
-def test_a_window_halves_at_its_middle_and_an_open_end_up_to_now():
-    halves = Window(at(1), at(3)).halves(NOW)
-    assert halves is not None
-    left, right = halves
+def test_a_window_cuts_into_equal_pieces_and_an_open_end_up_to_now():
+    pieces = Window(at(1), at(3)).pieces(2, NOW)
+    assert pieces is not None
+    left, right = pieces
     assert (left.start, left.end, right.start, right.end) == (at(1), at(2), at(2), at(3))
-    halves = Window(at(10), None, frozenset({"a"})).halves(at(12))
-    assert halves is not None
-    left, right = halves
-    assert (left.end, right.start, right.end) == (at(11), at(11), None)
-    assert left.seen == right.seen == {"a"}
-    assert Window(at(1), at(1) + timedelta(seconds=1)).halves(NOW) is None
+    pieces = Window(at(10), None, frozenset({"a"})).pieces(3, at(13))
+    assert pieces is not None
+    assert [(p.start, p.end) for p in pieces] == [
+        (at(10), at(11)),
+        (at(11), at(12)),
+        (at(12), None),
+    ]
+    assert all(p.seen == {"a"} for p in pieces)
+    assert Window(at(1), at(1) + timedelta(seconds=1)).pieces(2, NOW) is None
 
 
 def test_what_done_windows_leave_of_an_open_window_keeps_its_open_end():
