@@ -237,22 +237,53 @@ def pull(
     return result
 
 
-def historical_pages(client: KalshiClient, subaccounts: set[int], **filters: Any) -> Iterator[Page]:
-    """Every page of the historical tier for ``filters``. KALSHI.md does not say whether
-    ``/historical/orders`` without ``subaccount`` serves every subaccount or only 0: when it
-    served no order of another subaccount and the account has other ``subaccounts``, each of
-    those is asked for by number."""
-    seen_other = False
-    for page in client.iter_historical_order_pages(**filters):
-        seen_other = seen_other or any(
-            isinstance(item, dict) and item.get("subaccount_number") not in (None, 0)
-            for item in page.items
-        )
-        yield page
-    if seen_other:
-        return
-    for subaccount in sorted(subaccounts - {0}):
-        yield from client.iter_historical_order_pages(subaccount=subaccount, **filters)
+class HistoricalOrders:
+    """How a sync asks the historical tier for orders. KALSHI.md does not say whether
+    ``/historical/orders`` without ``subaccount`` serves every subaccount or only 0: a listing
+    that served no order of another subaccount is followed by one listing per other subaccount
+    the account has (:attr:`subaccounts`: known at the start, and every one listed since),
+    unless some listing of the same sync already served another subaccount (then the
+    unfiltered listing serves them all). Thread-safe: the windows of a load share one."""
+
+    def __init__(self, client: KalshiClient, subaccounts: Iterable[int] = ()) -> None:
+        self.client = client
+        self._subaccounts = set(subaccounts)
+        self._serves_all = threading.Event()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of_account(
+        cls, conn: Connection, client: KalshiClient, account: str, *, history: bool
+    ) -> HistoricalOrders:
+        """Knowing the subaccounts of ``account``'s stored open orders and, where the server
+        has a ``history`` tier, those the API lists."""
+        subaccounts = open_subaccounts(conn, account)
+        if history:
+            subaccounts |= client.subaccount_numbers()
+        return cls(client, subaccounts)
+
+    def add(self, subaccounts: Iterable[int]) -> None:
+        """Subaccounts listed (by either tier): asked for by number where needed."""
+        with self._lock:
+            self._subaccounts.update(subaccounts)
+
+    def pages(self, **filters: Any) -> Iterator[Page]:
+        """Every page of the historical tier for ``filters``."""
+        seen_other = False
+        for page in self.client.iter_historical_order_pages(**filters):
+            seen_other = seen_other or any(
+                isinstance(item, dict) and item.get("subaccount_number") not in (None, 0)
+                for item in page.items
+            )
+            yield page
+        if seen_other:
+            self._serves_all.set()
+        if self._serves_all.is_set():
+            return
+        with self._lock:
+            others = sorted(self._subaccounts - {0})
+        for subaccount in others:
+            yield from self.client.iter_historical_order_pages(subaccount=subaccount, **filters)
 
 
 def _is_outage(exc: ApiError) -> bool:
@@ -472,10 +503,10 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
     if cutoff is not None and (
         cutoff.orders_updated_ts is not None and since < cutoff.orders_updated_ts
     ):
-        subaccounts = live.subaccounts | _stored_subaccounts(run)
+        history = HistoricalOrders(client, live.subaccounts | _stored_subaccounts(run))
         counts += pull(
             run,
-            historical_pages(client, subaccounts, min_ts=_seconds(since)),
+            history.pages(min_ts=_seconds(since)),
             checkpoint=None,
             label="historical orders",
         ).counts
@@ -542,7 +573,7 @@ def _load(
     cutoff = client.historical_cutoff()
     moved_after = began if cutoff is None else (cutoff.orders_updated_ts or began)
     with connection(run.engine) as conn:
-        subaccounts = history_subaccounts(conn, client, run.account, history=cutoff is not None)
+        history = HistoricalOrders.of_account(conn, client, run.account, history=cutoff is not None)
 
     def tiers(win: Window, writer: PageWriter) -> list[Tier]:
         def take(label: str, changed_after: datetime) -> Callable[[Iterable[Page]], Counts]:
@@ -556,7 +587,7 @@ def _load(
                     alone=_alone(win, changed_after=changed_after),
                     writer=writer,
                 )
-                subaccounts.update(listed.subaccounts)
+                history.add(listed.subaccounts)
                 return listed.counts
 
             return write
@@ -570,9 +601,7 @@ def _load(
         if cutoff is not None:
             found.append(
                 Tier(
-                    lambda: historical_pages(
-                        client, set(subaccounts), min_ts=win.min_ts, max_ts=win.max_ts
-                    ),
+                    lambda: history.pages(min_ts=win.min_ts, max_ts=win.max_ts),
                     take("historical orders", min(began, moved_after)),
                 )
             )
@@ -589,18 +618,6 @@ def _load(
         concurrency=concurrency,
         on_progress=on_progress,
     )
-
-
-def history_subaccounts(
-    conn: Connection, client: KalshiClient, account: str, *, history: bool
-) -> set[int]:
-    """The subaccounts a full read of the historical tier may have to ask for one by one
-    (:func:`historical_pages`), before any is listed: those of the stored open orders and,
-    where the server has a ``history`` tier, those the API lists."""
-    subaccounts = open_subaccounts(conn, account)
-    if history:
-        subaccounts |= client.subaccount_numbers()
-    return subaccounts
 
 
 def backfill_orders(

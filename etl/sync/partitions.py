@@ -61,7 +61,7 @@ FLOOR = datetime(2021, 1, 1, tzinfo=UTC)
 # A first load's cuts, back from now: most of an account's records are recent.
 # Few: every window costs a call per tier even when empty, and a full one is cut by the
 # density its first page shows.
-FIRST_LOAD_CUTS = (timedelta(days=7), timedelta(days=90), timedelta(days=365))
+FIRST_LOAD_CUTS = (timedelta(days=7), timedelta(days=90))
 MAX_WIDTH = 16
 # A window estimated to hold more than twice this many pages is cut into pieces of about it:
 # small enough that the last windows to finish leave the budget idle for little time, big
@@ -221,12 +221,15 @@ class Reading:
         """``fetched`` records were read (after each page)."""
         self._owner.counted(fetched)
 
-    def split(self, win: Window, seen: Iterable[str], pages: float | None = None) -> bool:
+    def split(self, win: Window, seen: Iterable[str], pages: Estimate | None = None) -> bool:
         """Cut ``win`` and enqueue the pieces; False when not (the reader then reads on).
-        ``pages``: how many pages the window is estimated to hold (:func:`estimate_pages`):
-        a window of more than twice :data:`TARGET_PAGES` is cut into pieces of about that
-        many; without an estimate, it is halved while there are not windows enough to keep
-        the budget busy to the end."""
+        ``pages``: what its first page tells of it (:func:`estimate_pages`): a window of more
+        than twice :data:`TARGET_PAGES` is cut into pieces of about that many, as many as
+        windows are read at once at the end where that page was, the rest of the window one
+        piece (the records may not reach that far: an account younger than the window leaves
+        it empty, and read as one it costs a call per tier, not one per piece); without an
+        estimate, it is halved while there are not windows enough to keep the budget busy to
+        the end."""
         return self._owner.split(win, seen, pages)
 
     def now(self) -> datetime:
@@ -279,7 +282,7 @@ class Splitting:
         pages = estimate_pages(self.win, page, self.reading.now())
         if self.read_before > MAX_SEEN_PAGES:
             return False  # the pieces could not be told every id read before
-        if self.read_before > 1 and (pages is None or 10 * self.read_before > pages):
+        if self.read_before > 1 and (pages is None or 10 * self.read_before > pages.pages):
             return False
         return self.reading.split(self.win, self.ids, pages)
 
@@ -297,7 +300,16 @@ class Splitting:
 _STAMPS = ("created_time", "last_update_time")
 
 
-def estimate_pages(win: Window, page: Page, now: datetime) -> float | None:
+@dataclass(frozen=True)
+class Estimate:
+    """What a window's full first page tells of it: how many ``pages`` it holds at that
+    page's density, and at which end that page was (``newest_first``: its newest records)."""
+
+    pages: float
+    newest_first: bool
+
+
+def estimate_pages(win: Window, page: Page, now: datetime) -> Estimate | None:
     """How many pages ``win`` holds, judged from its full first ``page``: where the page's
     records come sorted by a timestamp (newest first, as Kalshi lists; or oldest first), the
     span they cover gives the window's density. ``None`` where no timestamp is in order (the
@@ -314,7 +326,7 @@ def estimate_pages(win: Window, page: Page, now: datetime) -> float | None:
         if not (descending or ascending) or covered <= 0:
             continue
         lo, hi = win.span(now)
-        return (hi - lo).total_seconds() / covered
+        return Estimate((hi - lo).total_seconds() / covered, newest_first=descending)
     return None
 
 
@@ -367,6 +379,18 @@ def read_tiers(
 ReadWindow = Callable[[Window, Reading], Counts | None]
 
 
+def _near(pieces: list[Window], near: int, *, newest_first: bool) -> list[Window]:
+    """``pieces`` (oldest first), the ``near`` ones at the end the records were seen kept and
+    the others joined into one."""
+    if len(pieces) <= near + 1:
+        return pieces
+    if newest_first:
+        far = pieces[: len(pieces) - near]
+        return [Window(far[0].start, far[-1].end), *pieces[len(pieces) - near :]]
+    far = pieces[near:]
+    return [*pieces[:near], Window(far[0].start, far[-1].end)]
+
+
 class _Scheduler:
     def __init__(
         self,
@@ -403,19 +427,21 @@ class _Scheduler:
             self.records += fetched
         self.report()
 
-    def split(self, win: Window, seen: Iterable[str], pages: float | None) -> bool:
+    def split(self, win: Window, seen: Iterable[str], pages: Estimate | None) -> bool:
         with self.lock:
             if pages is None:
                 if len(self.queue) + self.running >= SPLIT_AHEAD * self.wanted():
                     return False
                 count = 2
-            elif pages > 2 * TARGET_PAGES:
-                count = min(MAX_PIECES, math.ceil(pages / TARGET_PAGES))
+            elif pages.pages > 2 * TARGET_PAGES:
+                count = min(MAX_PIECES, math.ceil(pages.pages / TARGET_PAGES))
             else:
                 return False
             pieces = win.pieces(count, self.clock())
             if pieces is None:
                 return False
+            if pages is not None:
+                pieces = _near(pieces, max(2, self.wanted()), newest_first=pages.newest_first)
             extra = win.seen | frozenset(seen)
             self.queue.extend(Window(p.start, p.end, extra) for p in pieces)
             self.total += len(pieces) - 1

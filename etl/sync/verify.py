@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -43,7 +43,7 @@ from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
 from etl.streams import Listing
 from etl.sync.listing import parser, rows_of, window_pages, windowed
-from etl.sync.orders import STREAM, historical_pages, history_subaccounts
+from etl.sync.orders import STREAM, HistoricalOrders
 from etl.sync.partitions import Tier, Window, first_load_plan, list_windows
 from etl.sync.run import recorded_run, utcnow
 
@@ -89,17 +89,15 @@ def verify_orders(
         read = 0
         lock = threading.Lock()  # one session: the windows' pages are added one at a time
         has_history = client.historical_cutoff() is not None
-        subaccounts = history_subaccounts(conn, client, account, history=has_history)
+        history = HistoricalOrders.of_account(conn, client, account, history=has_history)
 
         def take(pages: Iterable[Page]) -> Counts:
             nonlocal read
             for page in pages:
                 parsed = [parse_order(item, screened=page.screened) for item in page.items]
                 good = [p for p in parsed if isinstance(p, Order)]
+                history.add(o.subaccount_number for o in good if o.subaccount_number is not None)
                 with lock:
-                    subaccounts.update(
-                        o.subaccount_number for o in good if o.subaccount_number is not None
-                    )
                     add_to_listing(conn, good, [p for p in parsed if isinstance(p, Rejected)])
                     conn.commit()
                     read += len(page.items)
@@ -112,13 +110,10 @@ def verify_orders(
                 Tier(lambda: client.iter_order_pages(min_ts=win.min_ts, max_ts=win.max_ts), take)
             ]
             if has_history:
-                found.append(Tier(lambda: _historical(win), take))
+                found.append(
+                    Tier(lambda: history.pages(min_ts=win.min_ts, max_ts=win.max_ts), take)
+                )
             return found
-
-        def _historical(win: Window) -> Iterator[Page]:
-            with lock:
-                known = set(subaccounts)
-            return historical_pages(client, known, min_ts=win.min_ts, max_ts=win.max_ts)
 
         list_windows(client, first_load_plan(started), tiers, clock=utcnow)
         before = compare(conn, account=account, started=started, examples=examples)

@@ -6,24 +6,33 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import cast
 from urllib.parse import parse_qs
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
+from etl.db.engine import StreamLock
 from etl.db.state import read_state
+from etl.db.upsert import Counts
 from etl.errors import ApiStatusError
+from etl.kalshi.client import Page
 from etl.simulator import Exchange, SimulatorApp
 from etl.simulator.keys import key_id
-from etl.sync.orders import sync_orders
+from etl.sync.orders import HistoricalOrders, sync_orders
 from etl.sync.partitions import (
     OPEN_END,
     OPEN_START,
+    Reading,
     Window,
+    estimate_pages,
     first_load_plan,
+    run_windows,
     uncovered,
 )
+from etl.sync.run import Run
 from etl.sync.verify import verify_orders
 from tests.fix_exchange import NOW, make_client
 from tests.sync.helpers import ACCOUNT, assert_table_equals_truth, count, runs
@@ -221,3 +230,72 @@ def test_verify_reads_in_windows_and_finds_a_lost_order(db, private_key):
     assert not result.equal and result.before.counts["missing"] == 1
     assert result.before.examples["missing"] == [lost]
     assert count(db, "SELECT count(*) FROM orders") == len(exchange.truth()) - 1
+
+
+def _by_number(app: SimulatorApp, since: int) -> list[str]:
+    """Historical listings asked for one subaccount, of the requests from the ``since``-th."""
+    return [
+        query
+        for path, query in list(app.requests)[since:]
+        if path.endswith("/historical/orders") and "subaccount=" in query
+    ]
+
+
+@pytest.mark.parametrize("all_subaccounts", [True, False])
+def test_historical_listings_ask_by_subaccount_only_until_one_serves_another_subaccount(
+    private_key, all_subaccounts
+):
+    """Whether ``/historical/orders`` without ``subaccount`` serves them all is learned once per
+    sync: after one listing served an order of subaccount 1, an empty window asks nothing
+    more; a server that serves only subaccount 0 is asked by number in every window."""
+    exchange = Exchange(
+        seed=26,
+        orders=800,
+        api="2026",
+        now=NOW,
+        events_per_second=0,
+        historical_all_subaccounts=all_subaccounts,
+    )
+    app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
+    history = HistoricalOrders(make_client(app, private_key, page_size=100), {0, 1})
+    listed = [o for page in history.pages() for o in page.items]
+    assert {o["subaccount_number"] for o in listed} == {0, 1}
+    start = len(app.requests)
+    empty = Window(NOW + timedelta(days=1), NOW + timedelta(days=2))
+    assert not [
+        page for page in history.pages(min_ts=empty.min_ts, max_ts=empty.max_ts) if page.items
+    ]
+    assert len(_by_number(app, start)) == (0 if all_subaccounts else 1)
+
+
+def test_a_window_split_by_its_first_pages_density_keeps_pieces_near_it_and_one_for_the_rest():
+    """A window of 90 days whose first page (newest first) covers one day: estimated at 90
+    pages, cut into pieces of about TARGET_PAGES; the oldest, which the records may not reach,
+    stay one window, so that an account younger than the window costs few empty listings."""
+    win = Window(at(1) - timedelta(days=60), at(1) + timedelta(days=30))
+    stamps = [at(1) + timedelta(days=30, seconds=-86.4 * i) for i in range(1000)]
+    page = Page(
+        items=[{"created_time": s.isoformat(), "order_id": str(i)} for i, s in enumerate(stamps)],
+        cursor="next",
+    )
+    estimate = estimate_pages(win, page, NOW)
+    assert estimate is not None and estimate.newest_first
+    assert estimate.pages == pytest.approx(90, rel=0.01)
+    queued: list[Window] = []
+
+    def read(piece: Window, reading: Reading) -> Counts | None:
+        if piece == win:
+            assert reading.split(piece, ["0"], estimate)
+            return None
+        queued.append(piece)
+        return Counts()
+
+    run = Run(cast(Engine, None), ACCOUNT, "orders", 0, cast(StreamLock, None), clock=lambda: NOW)
+    run_windows(run, [win], [], read, concurrency=3, on_progress=None)
+    queued.sort(key=lambda w: w.bounds)
+    assert queued[0].start == win.start and queued[-1].end == win.end
+    assert all(a.end == b.start for a, b in zip(queued, queued[1:], strict=False))  # a tiling
+    near = [w.span(NOW)[1] - w.span(NOW)[0] for w in queued[1:]]
+    assert len(near) == 3 and all(d == near[0] for d in near)  # as many as are read at once
+    assert queued[0].span(NOW)[1] - queued[0].span(NOW)[0] > near[0]  # the rest in one
+    assert all(w.seen == {"0"} for w in queued)
