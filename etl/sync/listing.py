@@ -260,9 +260,7 @@ def _load(
     (:func:`etl.sync.partitions.load_windows`), each window's live listing then its historical
     tier; each window recorded done in ``scope`` once read to its end."""
     sink = listing_sink(stream)
-    paths = [(stream.path, stream.noun)]
-    if _reaches_history(client, stream, since=None) and stream.historical_path is not None:
-        paths.append((stream.historical_path, f"historical {stream.noun}"))
+    listings = window_listings(client, stream)
 
     def tiers(win: Window, writer: PageWriter) -> list[Tier]:
         def tier(path: str, noun: str) -> Tier:
@@ -274,7 +272,7 @@ def _load(
 
             return Tier(lambda: window_pages(client, stream, path, win), take)
 
-        return [tier(path, noun) for path, noun in paths]
+        return [tier(path, noun) for path, noun in listings(win)]
 
     return load_windows(
         run,
@@ -286,6 +284,35 @@ def _load(
         concurrency=concurrency,
         on_progress=on_progress,
     )
+
+
+# How long before a cutoff a window must end for its live listing to be skipped: clocks
+# differ, and a server's max_ts may include its second.
+_CUTOFF_MARGIN = timedelta(minutes=1)
+
+
+def window_listings(
+    client: KalshiClient, stream: Listing
+) -> Callable[[Window], list[tuple[str, str]]]:
+    """Which of ``stream``'s listings a window is read from, live first, as (path, noun): the
+    historical tier where the server has one; the live listing unless the window ends before
+    the cutoff behind which records are served only by the historical tier (fills created
+    before ``trades_created_ts``: a cutoff only moves forward, so they never come back). An
+    old account's windows then cost one call less each."""
+    cutoff = client.historical_cutoff() if stream.historical_path is not None else None
+    hidden_before = None
+    if cutoff is not None and stream.cutoff_field is not None:
+        hidden_before = cutoff.of(stream.cutoff_field)
+
+    def listings(win: Window) -> list[tuple[str, str]]:
+        found = []
+        if hidden_before is None or win.end is None or win.end > hidden_before - _CUTOFF_MARGIN:
+            found.append((stream.path, stream.noun))
+        if cutoff is not None and stream.historical_path is not None:
+            found.append((stream.historical_path, f"historical {stream.noun}"))
+        return found
+
+    return listings
 
 
 def window_pages(client: KalshiClient, stream: Listing, path: str, win: Window) -> Iterator[Page]:

@@ -42,7 +42,7 @@ from etl.db.write import write_rows
 from etl.kalshi.client import KalshiClient, Page
 from etl.kalshi.parse import Order, Rejected, parse_order
 from etl.streams import Listing
-from etl.sync.listing import parser, rows_of, window_pages, windowed
+from etl.sync.listing import parser, rows_of, window_listings, window_pages, windowed
 from etl.sync.orders import STREAM, HistoricalOrders
 from etl.sync.partitions import Tier, Window, first_load_plan, list_windows
 from etl.sync.run import recorded_run, utcnow
@@ -219,11 +219,12 @@ def verify_listing(
                     take(page, parse)
                 return Counts()
 
+            listings = window_listings(client, stream)
+
             def tiers(win: Window) -> list[Tier]:
-                paths = filter(None, (stream.path, stream.historical_path))
                 return [
                     Tier(functools.partial(window_pages, client, stream, path, win), take_all)
-                    for path in paths
+                    for path, _ in listings(win)
                 ]
 
             list_windows(client, first_load_plan(started), tiers, clock=utcnow)

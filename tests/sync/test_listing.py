@@ -10,6 +10,7 @@ import subprocess
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -68,6 +69,25 @@ def test_fills_of_both_tiers_equal_the_truth_and_a_rerun_adds_nothing(db, client
     again = sync_listing(db, client, FILLS, account=ACCOUNT)
     assert again.counts.inserted == again.counts.updated == 0
     assert count(db, "SELECT count(*) FROM fills") == len(fills_truth(exchange))
+
+
+def test_a_first_load_of_fills_reads_windows_before_the_cutoff_from_the_historical_tier_only(
+    db, app, private_key, exchange
+):
+    """Fills created before the cutoff's ``trades_created_ts`` are served only by the
+    historical tier: a window that ends before it costs no call to the live listing."""
+    cutoff = exchange.cutoff()
+    assert cutoff is not None
+    sync_listing(db, make_client(app, private_key, page_size=20), FILLS, account=ACCOUNT)
+    assert stored_fills(db) == fills_truth(exchange)
+    before = int((cutoff - timedelta(minutes=1)).timestamp())
+
+    def ends(path: str) -> list[int]:  # the max_ts of each fills listing (an open end: none)
+        listed = [parse_qs(q) for p, q in app.requests if p.endswith(path)]
+        return [int(q["max_ts"][0]) if "max_ts" in q else 2**40 for q in listed]
+
+    assert min(ends("/historical/fills")) <= before
+    assert min(ends("/portfolio/fills")) > before
 
 
 def test_new_fills_are_read_incrementally_while_the_exchange_trades(db, client, exchange):
