@@ -12,11 +12,12 @@ the measured round trip), and never faster (no 429).
 - **Splitting.** A window whose first page comes back full (it has a next cursor) may be cut,
   its pieces enqueued. Where the page's records come sorted by a timestamp, the span they
   cover tells how many pages the window holds (:func:`estimate_pages`), and a window of more
-  than twice :data:`TARGET_PAGES` is cut into pieces of about that many; where no order shows,
-  it is halved while fewer than :data:`SPLIT_AHEAD` × the width are queued or in flight. The
-  page already read is written anyway (one page per cut is the cost), its ids handed to the
-  pieces (``Window.seen``) so that a first load's ``COPY`` merges rather than copies them
-  again (:class:`Splitting`).
+  than twice :data:`TARGET_PAGES` is cut into pieces of about that many, as many as windows
+  are read at once at the end where that page was and the rest as one (the records may not
+  reach that far); where no order shows, it is halved while fewer than :data:`SPLIT_AHEAD` ×
+  the width are queued or in flight. The page already read is written anyway (one page per
+  cut is the cost), its ids handed to the pieces (``Window.seen``) so that a first load's
+  ``COPY`` merges rather than copies them again (:class:`Splitting`).
 - **Checkpoints.** A window read to its end is recorded done by its bounds (in
   ``sync_state``, a ``<stream>:backfill`` or ``<stream>:load`` row) in the transaction that
   follows its last committed page; a rerun reads only what no done window covers
