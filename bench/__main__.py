@@ -37,8 +37,10 @@ BENCH_DATABASE_URL / DATABASE_URL (else the embedded PostgreSQL), it measures:
   against a simulator 50 ms away enforcing 200 and 1,000 tokens/s: list calls/s as a share of
   the budget, records/s, 429s received, peak RSS, a sequential fetch-only pass beside it, and
   the two ceilings measured in the same run, the budget's (list calls/s × page size) and the
-  CPU's (the same load over loopback with no limit), with the one that binds; then one load of
-  1,000,000 orders (BENCH_BUDGET_LARGE) for its peak RSS.
+  CPU's (the same load over loopback with no limit), with the one that binds; the cases run
+  in rounds (each round runs each once: a ceiling and the loads it judges are measured minutes
+  apart, whatever the machine's speed does meanwhile) and each ratio is the median of the
+  rounds'; then one load of 1,000,000 orders (BENCH_BUDGET_LARGE) for its peak RSS.
 
 Prints a table with ratios and writes bench/results.json. BENCH_ORDERS sets the account size
 of the detailed part (default 100000); BENCH_ONLY=stream, =load, =fills, =money or =budget runs
@@ -60,7 +62,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -1076,68 +1078,96 @@ LIST_ENDPOINTS = (
 
 
 def measure_budget(engine: sa.Engine) -> dict[str, Any]:
-    """Per stream: the loopback load with no limit (the CPU's ceiling), then at each budget
-    50 ms away, the median of the repeats; one large load for the peak RSS."""
+    """Per stream: the loopback load with no limit (the CPU's ceiling) and, 50 ms away, the
+    load at each budget, in rounds (each round runs every case once, so that a ceiling and
+    the loads it judges are measured minutes apart at most, whatever this machine's speed
+    does meanwhile); the medians of the rounds; one large load for the peak RSS."""
     rows: list[dict[str, Any]] = []
     for stream in BUDGET_STREAMS:
-        free = _budget_case(engine, stream, BUDGET_RECORDS, latency=0.0, budget=0.0)
+        cases = [(0.0, 0.0), *((BUDGET_LATENCY, budget) for budget in BUDGETS)]
+        trials = _budget_rounds(engine, stream, BUDGET_RECORDS, cases)
+        free = _budget_row(stream, BUDGET_RECORDS, cases[0], trials[0])
         rows.append(free)
-        for budget in BUDGETS:
-            case = _budget_case(
-                engine, stream, BUDGET_RECORDS, latency=BUDGET_LATENCY, budget=budget
+        for case, tried in zip(cases[1:], trials[1:], strict=True):
+            row = _budget_row(stream, BUDGET_RECORDS, case, tried)
+            budget = case[1]
+            budget_ceiling = budget / LIST_COST * PAGE
+            # Each round's load against that round's ceilings.
+            ratios = []
+            for mine, cpu in zip(tried, trials[0], strict=True):
+                rate = mine[2] / mine[1]["seconds"]
+                ceilings = {"budget": budget_ceiling, "CPU": cpu[2] / cpu[1]["seconds"]}
+                ratios.append(rate / min(ceilings.values()))
+            ceilings = {"budget": budget_ceiling, "CPU": free["records_per_second"]}
+            row.update(
+                budget_ceiling=budget_ceiling,
+                cpu_ceiling=free["records_per_second"],
+                binds=min(ceilings, key=ceilings.__getitem__),
+                vs_lower_ceiling=statistics.median(ratios),
+                vs_lower_each=ratios,
             )
-            ceilings = {
-                "budget": budget / LIST_COST * PAGE,
-                "CPU": free["records_per_second"],
-            }
-            binds = min(ceilings, key=ceilings.__getitem__)
-            case.update(
-                budget_ceiling=ceilings["budget"],
-                cpu_ceiling=ceilings["CPU"],
-                binds=binds,
-                vs_lower_ceiling=case["records_per_second"] / ceilings[binds],
-            )
-            rows.append(case)
+            rows.append(row)
     large = None
     if BUDGET_LARGE:
-        large = _budget_case(
-            engine, "orders", BUDGET_LARGE, latency=BUDGET_LATENCY, budget=max(BUDGETS), runs=1
-        )
+        case = (BUDGET_LATENCY, max(BUDGETS))
+        tried = _budget_rounds(engine, "orders", BUDGET_LARGE, [case], runs=1)[0]
+        large = _budget_row("orders", BUDGET_LARGE, case, tried)
     return {"page_size": PAGE, "rows": rows, "large": large}
 
 
-def _budget_case(
+BudgetTrial = tuple[FetchOnly | None, dict[str, float], int]
+
+
+def _budget_rounds(
     engine: sa.Engine,
     stream: str,
     n: int,
+    cases: Sequence[tuple[float, float]],
     *,
-    latency: float,
-    budget: float,
     runs: int | None = None,
-) -> dict[str, Any]:
-    home = Path(tempfile.mkdtemp(prefix="ketl-bench-budget-"))
+) -> list[list[BudgetTrial]]:
+    """Each case's trials (latency, budget; a budget of 0: none): one simulator per case, all
+    started first, then rounds of one trial per case (a fetch-only pass where there is a
+    budget, then the sync); ``runs`` rounds (by default, :func:`repeats`)."""
     times = runs or repeats(n)
-    where = f"{latency * 1000:.0f} ms away at {budget:.0f} tokens/s" if budget else "loopback"
-    print(f"  budget: {stream} of {n:,} orders, {where}, {times}× …", file=sys.stderr, flush=True)
-    simulator, env = start_simulator(
-        home,
-        *("--orders", str(n), "--seed", "42", "--events-per-second", "0"),
-        *("--latency", str(latency), "--rate-limit", str(budget)),
-    )
     table = "orders" if stream == "orders" else "fills"
-    trials = []
+    started = []
     try:
-        for _ in range(times):
-            reset(engine)
-            fetched = fetch_only(env, stream=stream, budget=budget) if budget else None
-            # Told nothing, the sync reads the key's budget at GET /account/limits.
-            sync = cli_sync(engine, env, stream, budget=None if budget else 0.0)
-            with engine.connect() as conn:
-                stored = conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
-            trials.append((fetched, sync, stored))
+        for latency, budget in cases:
+            where = (
+                f"{latency * 1000:.0f} ms away at {budget:.0f} tokens/s" if budget else "loopback"
+            )
+            print(f"  budget: {stream} of {n:,} orders, {where}", file=sys.stderr, flush=True)
+            home = Path(tempfile.mkdtemp(prefix="ketl-bench-budget-"))
+            started.append(
+                start_simulator(
+                    home,
+                    *("--orders", str(n), "--seed", "42", "--events-per-second", "0"),
+                    *("--latency", str(latency), "--rate-limit", str(budget)),
+                )
+            )
+        trials: list[list[BudgetTrial]] = [[] for _ in cases]
+        for round_ in range(times):
+            print(f"  budget: {stream}, round {round_ + 1} of {times}", file=sys.stderr, flush=True)
+            for (_, budget), (_, env), tried in zip(cases, started, trials, strict=True):
+                reset(engine)
+                fetched = fetch_only(env, stream=stream, budget=budget) if budget else None
+                # Told nothing, the sync reads the key's budget at GET /account/limits.
+                sync = cli_sync(engine, env, stream, budget=None if budget else 0.0)
+                with engine.connect() as conn:
+                    stored = conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+                tried.append((fetched, sync, stored))
     finally:
-        simulator.terminate()
-        simulator.communicate(timeout=60)
+        for simulator, _ in started:
+            simulator.terminate()
+            simulator.communicate(timeout=60)
+    return trials
+
+
+def _budget_row(
+    stream: str, n: int, case: tuple[float, float], trials: Sequence[BudgetTrial]
+) -> dict[str, Any]:
+    latency, budget = case
     records = trials[-1][2]
     assert all(t[2] == records for t in trials), [t[2] for t in trials]
     seconds = statistics.median(t[1]["seconds"] for t in trials)
@@ -1149,7 +1179,7 @@ def _budget_case(
         "records": records,
         "latency": latency,
         "budget": budget,
-        "runs": times,
+        "runs": len(trials),
         "seconds": seconds,
         "records_per_second": records / seconds,
         "list_calls": calls,
@@ -1169,7 +1199,7 @@ def print_budget(r: dict[str, Any]) -> None:
     print(
         f"first load at the key's read budget: `kalshi-etl sync --streams S` told nothing (it "
         f"reads GET /account/limits), a simulator {BUDGET_LATENCY * 1000:.0f} ms away enforcing "
-        f"the budget, page size {r['page_size']}; median of the runs"
+        f"the budget, page size {r['page_size']}; medians of rounds that run each case once"
     )
     print(
         f"{'stream':<8}{'exchange':>10}{'budget':>8}{'calls/s':>9}{'of budget':>10}"
@@ -1204,8 +1234,16 @@ def print_budget(r: dict[str, Any]) -> None:
         "(calls/s: list calls a second; of budget: ÷ the budget's list calls a second; seq.\n"
         " fetch/s: one cursor at a time, read and parsed, nothing written; budget ceil.: the\n"
         " budget's list calls a second × the page size; CPU ceil.: the same load over loopback\n"
-        " with no limit; × lower: records/s ÷ the lower ceiling, the one that binds)"
+        " with no limit; × lower: in each round, records/s ÷ the lower of that round's two\n"
+        " ceilings; the median of the rounds)"
     )
+    each = [
+        f"{row['stream']} {row['budget']:.0f}: "
+        + ", ".join(f"{x:.2f}" for x in row["vs_lower_each"])
+        for row in r["rows"]
+        if "vs_lower_each" in row
+    ]
+    print("× lower, round by round: " + "; ".join(each))
 
 
 STREAM_RATES = (50, 500)  # trading events a second
