@@ -241,26 +241,24 @@ class HistoricalOrders:
     """How a sync asks the historical tier for orders. KALSHI.md does not say whether
     ``/historical/orders`` without ``subaccount`` serves every subaccount or only 0: a listing
     that served no order of another subaccount is followed by one listing per other subaccount
-    the account has (:attr:`subaccounts`: known at the start, and every one listed since),
-    unless some listing of the same sync already served another subaccount (then the
-    unfiltered listing serves them all). Thread-safe: the windows of a load share one."""
+    the account has (those known at the start, those ``/portfolio/subaccounts/balances``
+    lists, asked when first needed, and every one listed since), unless some listing of the
+    same sync already served another subaccount (then the unfiltered listing serves them
+    all). Thread-safe: the windows of a load share one."""
 
-    def __init__(self, client: KalshiClient, subaccounts: Iterable[int] = ()) -> None:
+    def __init__(
+        self, client: KalshiClient, subaccounts: Iterable[int] = (), *, ask_api: bool = True
+    ) -> None:
         self.client = client
         self._subaccounts = set(subaccounts)
+        self._ask_api = ask_api
         self._serves_all = threading.Event()
         self._lock = threading.Lock()
 
     @classmethod
-    def of_account(
-        cls, conn: Connection, client: KalshiClient, account: str, *, history: bool
-    ) -> HistoricalOrders:
-        """Knowing the subaccounts of ``account``'s stored open orders and, where the server
-        has a ``history`` tier, those the API lists."""
-        subaccounts = open_subaccounts(conn, account)
-        if history:
-            subaccounts |= client.subaccount_numbers()
-        return cls(client, subaccounts)
+    def of_account(cls, conn: Connection, client: KalshiClient, account: str) -> HistoricalOrders:
+        """Knowing the subaccounts of ``account``'s stored open orders."""
+        return cls(client, open_subaccounts(conn, account))
 
     def add(self, subaccounts: Iterable[int]) -> None:
         """Subaccounts listed (by either tier): asked for by number where needed."""
@@ -280,10 +278,15 @@ class HistoricalOrders:
             self._serves_all.set()
         if self._serves_all.is_set():
             return
-        with self._lock:
-            others = sorted(self._subaccounts - {0})
-        for subaccount in others:
+        for subaccount in self._others():
             yield from self.client.iter_historical_order_pages(subaccount=subaccount, **filters)
+
+    def _others(self) -> list[int]:
+        with self._lock:  # the windows that need the API's answer wait for the same one
+            if self._ask_api:
+                self._subaccounts |= self.client.subaccount_numbers()
+                self._ask_api = False
+            return sorted(self._subaccounts - {0})
 
 
 def _is_outage(exc: ApiError) -> bool:
@@ -503,7 +506,9 @@ def _cycle(run: Run, client: KalshiClient, *, lookback: timedelta) -> tuple[Coun
     if cutoff is not None and (
         cutoff.orders_updated_ts is not None and since < cutoff.orders_updated_ts
     ):
-        history = HistoricalOrders(client, live.subaccounts | _stored_subaccounts(run))
+        history = HistoricalOrders(
+            client, live.subaccounts | _stored_subaccounts(run), ask_api=False
+        )
         counts += pull(
             run,
             history.pages(min_ts=_seconds(since)),
@@ -573,7 +578,7 @@ def _load(
     cutoff = client.historical_cutoff()
     moved_after = began if cutoff is None else (cutoff.orders_updated_ts or began)
     with connection(run.engine) as conn:
-        history = HistoricalOrders.of_account(conn, client, run.account, history=cutoff is not None)
+        history = HistoricalOrders.of_account(conn, client, run.account)
 
     def tiers(win: Window, writer: PageWriter) -> list[Tier]:
         def take(label: str, changed_after: datetime) -> Callable[[Iterable[Page]], Counts]:

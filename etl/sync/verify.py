@@ -89,7 +89,7 @@ def verify_orders(
         read = 0
         lock = threading.Lock()  # one session: the windows' pages are added one at a time
         has_history = client.historical_cutoff() is not None
-        history = HistoricalOrders.of_account(conn, client, account, history=has_history)
+        history = HistoricalOrders.of_account(conn, client, account)
 
         def take(pages: Iterable[Page]) -> Counts:
             nonlocal read

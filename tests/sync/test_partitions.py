@@ -246,8 +246,9 @@ def test_historical_listings_ask_by_subaccount_only_until_one_serves_another_sub
     private_key, all_subaccounts
 ):
     """Whether ``/historical/orders`` without ``subaccount`` serves them all is learned once per
-    sync: after one listing served an order of subaccount 1, an empty window asks nothing
-    more; a server that serves only subaccount 0 is asked by number in every window."""
+    sync: after one listing served an order of subaccount 1, an empty window asks nothing more
+    (nor which subaccounts exist); a server that serves only subaccount 0 is asked by number
+    in every window, the subaccounts asked for once."""
     exchange = Exchange(
         seed=26,
         orders=800,
@@ -257,15 +258,16 @@ def test_historical_listings_ask_by_subaccount_only_until_one_serves_another_sub
         historical_all_subaccounts=all_subaccounts,
     )
     app = SimulatorApp(exchange, {key_id(private_key): private_key.public_key()}, advance=False)
-    history = HistoricalOrders(make_client(app, private_key, page_size=100), {0, 1})
+    history = HistoricalOrders(make_client(app, private_key, page_size=100))
     listed = [o for page in history.pages() for o in page.items]
     assert {o["subaccount_number"] for o in listed} == {0, 1}
     start = len(app.requests)
     empty = Window(NOW + timedelta(days=1), NOW + timedelta(days=2))
-    assert not [
-        page for page in history.pages(min_ts=empty.min_ts, max_ts=empty.max_ts) if page.items
-    ]
+    pages = history.pages(min_ts=empty.min_ts, max_ts=empty.max_ts)
+    assert not [page for page in pages if page.items]
     assert len(_by_number(app, start)) == (0 if all_subaccounts else 1)
+    asked = [p for p, _ in app.requests if p.endswith("/portfolio/subaccounts/balances")]
+    assert len(asked) == (0 if all_subaccounts else 1)
 
 
 def test_a_window_split_by_its_first_pages_density_keeps_pieces_near_it_and_one_for_the_rest():
